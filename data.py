@@ -1,0 +1,108 @@
+"""
+Character-level data: load the text (downloading tiny Shakespeare if it is missing), build the vocabulary,
+split 90/10 into train/val as nanoGPT does, and draw random batches.
+"""
+
+import hashlib
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from util import UserError
+
+REPO = Path(__file__).resolve().parent
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+
+
+@dataclass
+class DataConfig:
+    data_path: str = "shakespeare.txt"  # relative paths: the working directory, else the repo root
+    batch_size: int = 32
+    block_size: int = 128  # context length: the only block size (model.block_size is copied from it)
+
+
+def resolve_path(data_path):
+    path = Path(data_path).expanduser()
+    if path.is_absolute() or path.exists():
+        return path
+    return REPO / path
+
+
+def download_shakespeare(path):
+    try:
+        with urllib.request.urlopen(SHAKESPEARE_URL, timeout=30) as r:
+            raw = r.read()
+    except OSError as err:
+        raise UserError(f"{path} is missing and tiny Shakespeare could not be downloaded ({err}); "
+                        f"copy it to {path} or pass data.data_path=FILE") from None
+    if hashlib.sha256(raw).hexdigest() != SHAKESPEARE_SHA256:
+        raise UserError(f"the downloaded tiny Shakespeare has the wrong sha256; copy a good copy to {path}")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(raw)
+    tmp.replace(path)
+
+
+def load_text(data_path):
+    path = resolve_path(data_path)
+    if not path.exists():
+        if path.name != "shakespeare.txt":
+            raise UserError(f"data file {path} not found: pass data.data_path=FILE with a text file")
+        print(f"downloading tiny Shakespeare to {path}")
+        download_shakespeare(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"could not read {path} as UTF-8 text ({err}); pass data.data_path=FILE") from None
+
+
+class Vocab:
+    """Characters <-> integer ids; the character list is saved in every checkpoint."""
+
+    def __init__(self, chars):
+        self.chars = list(chars)
+        self.stoi = {c: i for i, c in enumerate(self.chars)}
+
+    @classmethod
+    def from_text(cls, text):
+        return cls(sorted(set(text)))
+
+    def __len__(self):
+        return len(self.chars)
+
+    def encode(self, s):
+        unknown = sorted({c for c in s if c not in self.stoi})
+        if unknown:
+            raise UserError(f"characters not in the vocabulary: {' '.join(repr(c) for c in unknown)}; "
+                            "use only characters from the training text")
+        return [self.stoi[c] for c in s]
+
+    def decode(self, ids):
+        return "".join(self.chars[i] for i in ids)
+
+
+class Dataset:
+    """The encoded text split into train (first 90%) and val (last 10%)."""
+
+    def __init__(self, text, block_size):
+        self.vocab = Vocab.from_text(text)
+        ids = torch.tensor(self.vocab.encode(text), dtype=torch.long)
+        n = int(0.9 * len(ids))
+        self.splits = {"train": ids[:n], "val": ids[n:]}
+        self.block_size = block_size
+        shortest = min(len(s) for s in self.splits.values())
+        if block_size < 1 or shortest <= block_size:
+            raise UserError(f"data.block_size={block_size} does not fit the data (the val split has "
+                            f"{len(self.splits['val'])} characters); use a block size below {shortest}")
+
+    def batch(self, split, batch_size, generator=None, device="cpu"):
+        """Random windows x (B, T) and their next tokens y (B, T)."""
+        data = self.splits[split]
+        ix = torch.randint(len(data) - self.block_size, (batch_size,), generator=generator)
+        offsets = ix[:, None] + torch.arange(self.block_size)  # (B, T)
+        x, y = data[offsets], data[offsets + 1]
+        if torch.device(device).type == "cuda":  # pinned memory lets the copy overlap the compute
+            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        return x.to(device), y.to(device)

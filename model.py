@@ -1,0 +1,197 @@
+"""
+The character-level GPT behind nanoEBM: nanoGPT's blocks, a linear energy head instead of lm_head,
+and a KV cache for generation. What the energies are used for (thinking, losses) lives in ebm.py.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+@dataclass
+class ModelConfig:
+    # transformer
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = False  # bias in Linears and LayerNorms; False is a little better and faster
+    vocab_size: int = 0  # set from the data at train time (0 = not yet known)
+    block_size: int = 0  # copied from data.block_size at train time (the only block size)
+    # energy and thinking (ebm.py)
+    energy: str = "linear"  # the energy over candidate next tokens; linear is e_t = W_E h_t
+    softmax_temperature: float = 1.0  # System 1 logits z_0 = -e / T
+    entropy_weight: float = 0.1  # tau in F(z) = <p, e> - tau * H(p)
+    think_steps: int = 2  # K gradient steps on F per position
+    refine_steps: Optional[int] = None  # the predecessor's name for think_steps (an alias)
+    think_lr: float = 0.5  # eta, step size of a think step
+    think_max_move: float = 0.25  # m, largest change of one logit in one step
+    think_noise: float = 0.0  # sigma, Langevin noise of the think steps while training
+    aux_ce_weight: float = 0.1  # weight of the System 1 cross-entropy in the training loss
+    mixture_stopgrad: bool = True  # for the mixture energy (not in this version: energy=linear only)
+    # contrastive divergence (ebm.py: contrastive_loss)
+    use_contrastive: bool = False
+    contrastive_type: str = "cd"  # cd | pcd | fast_pcd
+    contrastive_weight: float = 0.1
+    contrastive_k: int = 1  # Langevin steps per chain per training step
+    contrastive_reg: float = 0.01  # weight of the energy-magnitude penalty E_pos^2 + E_neg^2
+    langevin_step_size: float = 0.01
+    langevin_noise_scale: float = 0.005
+    n_persistent: int = 100  # PCD replay buffer size (candidates)
+    pcd_reinit_prob: float = 0.05  # chance that a PCD chain restarts from noise
+    fast_weight_lr: float = 0.05  # fast PCD: step of the fast weights
+    fast_weight_decay: float = 0.95  # fast PCD: fast weights are multiplied by this every step
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1)."""
+
+    def __init__(self, ndim, bias):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+
+    def forward(self, x, cache=None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        past = 0
+        if cache is not None:
+            past = cache.length
+            k, v = cache.append(k, v)  # (B, nh, past + T, hs)
+        dropout_p = self.dropout if self.training else 0.0
+        if past == 0:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        else:
+            # new query i sits at position past + i and may see keys 0..past + i
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cache=None):
+        x = x + self.attn(self.ln_1(x), cache)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class LayerCache:
+    """Keys and values of one attention layer for the tokens seen so far, preallocated to block_size."""
+
+    def __init__(self, config, batch_size, device, dtype):
+        shape = (batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    def append(self, k, v):
+        T = k.size(2)
+        self.k[:, :, self.length : self.length + T] = k
+        self.v[:, :, self.length : self.length + T] = v
+        self.length += T
+        return self.k[:, :, : self.length], self.v[:, :, : self.length]
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        assert config.vocab_size > 0 and config.block_size > 0
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=LayerNorm(config.n_embd, bias=config.bias),
+            )
+        )
+        # W_E (V x d, no bias): the energy of candidate token v at position t is e_t[v] = (W_E h_t)[v].
+        # Not tied to wte: the energy has the opposite sign of a logit, and tying would fight that.
+        self.energy_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        # scaled init of the residual projections, as GPT-2
+        for pn, p in self.named_parameters():
+            if pn.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx, caches=None):
+        """Hidden states h_t (B, T, d) for tokens idx (B, T); with caches, idx continues the cached tokens."""
+        B, T = idx.size()
+        start = caches[0].length if caches is not None else 0
+        assert start + T <= self.config.block_size, f"{start + T} tokens > block_size {self.config.block_size}"
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, d)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, caches[i] if caches is not None else None)
+        return self.transformer.ln_f(x)  # (B, T, d)
+
+    def energies(self, h):
+        """e_t = W_E h_t: one energy per candidate next token."""
+        return self.energy_head(h)  # (B, T, V)
+
+    def new_caches(self, batch_size, device=None, dtype=None):
+        w = self.energy_head.weight
+        return [LayerCache(self.config, batch_size, device or w.device, dtype or w.dtype) for _ in self.transformer.h]
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        # every 2D tensor (matmuls, embeddings) decays; biases and norms do not
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        fused = device_type == "cuda"  # the fused AdamW kernel exists for CUDA tensors only
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)

@@ -1,0 +1,86 @@
+"""
+Generate text from a trained checkpoint: `uv run sample.py checkpoint=out_ebt/final.pt prompt="HAMLET:"`.
+Config: config/sample.yaml (schema: SampleConfig below). The checkpoint carries the vocabulary and model config.
+"""
+
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import hydra
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from data import Vocab
+from ebm import generate
+from model import GPT, ModelConfig
+from util import UserError, check_overrides, load_checkpoint, pick_device, run
+
+
+@dataclass
+class SampleConfig:
+    checkpoint: str = "out_ebt/final.pt"
+    prompt: str = "\n"
+    max_new_tokens: int = 500
+    use_thinking: bool = True  # false: System 1 only
+    think_steps: Optional[int] = None  # default: the model's model.think_steps
+    topk: int = 0  # think over (and pick from) the System 1 top-k candidates only; 0 = all
+    sample: bool = False  # false: greedy argmax (deterministic); true: draw from the distribution
+    sample_temp: float = 1.0
+    sample_top_p: float = 1.0  # nucleus sampling; 1.0 = off
+    seed: int = 1337
+    device: str = "auto"
+    num_samples: int = 1
+
+
+ConfigStore.instance().store(name="sample_schema", node=SampleConfig)
+
+
+def load_model(path, device):
+    """A GPT and its vocabulary from any checkpoint train.py wrote (final.pt, best.pt or ckpt.pt)."""
+    ckpt = load_checkpoint(path, map_location=device)
+    try:
+        model = GPT(OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), ckpt["config"]["model"])))
+        model.load_state_dict(ckpt["model"])
+    except Exception as err:
+        raise UserError(f"checkpoint {path} does not fit this version of nanoEBM ({str(err).splitlines()[0]}); "
+                        "retrain it with this version") from None
+    return model.to(device).eval(), Vocab(ckpt["vocab"])
+
+
+def sample(cfg: SampleConfig):
+    if cfg.max_new_tokens < 0 or cfg.num_samples < 1 or cfg.topk < 0:
+        raise UserError("max_new_tokens and topk must be >= 0 and num_samples >= 1")
+    if cfg.sample and (cfg.sample_temp <= 0 or not 0 < cfg.sample_top_p <= 1):
+        raise UserError("sample_temp must be > 0 and sample_top_p in (0, 1]")
+    if cfg.think_steps is not None and cfg.think_steps < 0:
+        raise UserError(f"think_steps={cfg.think_steps} must be >= 0")
+    device = pick_device(cfg.device)
+    model, vocab = load_model(cfg.checkpoint, device)
+    steps = 0 if not cfg.use_thinking else (model.config.think_steps if cfg.think_steps is None else cfg.think_steps)
+    prompt = vocab.encode(cfg.prompt or "\n")
+    idx = torch.tensor([prompt] * cfg.num_samples, dtype=torch.long, device=device)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    t0 = time.time()
+    out = generate(model, idx, cfg.max_new_tokens, steps, topk=cfg.topk, sample=cfg.sample,
+                   temperature=cfg.sample_temp, top_p=cfg.sample_top_p, generator=gen)
+    dt = time.time() - t0
+    for row in out.tolist():
+        print(vocab.decode(row))
+        print("---------------")
+    n = cfg.max_new_tokens * cfg.num_samples
+    print(f"{n} tokens in {dt:.2f}s ({n / max(dt, 1e-9):.0f} tokens/s), think_steps {steps}, "
+          f"{'sampled' if cfg.sample else 'greedy'}")
+
+
+@hydra.main(version_base="1.3", config_path="config", config_name="sample")
+def main(cfg):
+    run(sample, cfg)
+
+
+if __name__ == "__main__":
+    check_overrides("sample", sys.argv[1:])
+    main()
