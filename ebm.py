@@ -109,28 +109,28 @@ def contrastive_loss(cfg, h, e, targets, state=None):
     with torch.no_grad():
         e_sample = e.detach()
         if kind == "fast_pcd":  # fast weights are added to W_E only while sampling
-            e_sample = e_sample + h.detach() @ state.fast_weight.t()
+            e_sample = e_sample + h.detach() @ state.fast_weight.t().to(h.dtype)
         if kind == "cd":  # chains start at the data
-            p0 = (1 - DATA_SMOOTHING) * F.one_hot(targets, V) + DATA_SMOOTHING / V
+            p0 = (1 - DATA_SMOOTHING) * F.one_hot(targets, V).to(e.dtype) + DATA_SMOOTHING / V
             z = p0.log()
         else:  # chains continue from the replay buffer, a few restart from noise
             slot = torch.randint(cfg.n_persistent, (B, T), device=e.device)
-            z = state.chains[slot]  # (B, T, V)
+            z = state.chains[slot].to(e.dtype)  # (B, T, V)
             restart = torch.rand(B, T, 1, device=e.device) < cfg.pcd_reinit_prob
             z = torch.where(restart, torch.randn_like(z), z)
         z = think(z, linear_energy(e_sample), cfg.contrastive_k, cfg.langevin_step_size,
                   cfg.entropy_weight, noise=cfg.langevin_noise_scale)[-1]
         q = F.softmax(z, dim=-1)
         if kind != "cd":
-            state.chains[slot] = z
+            state.chains[slot] = z.to(state.chains.dtype)
     e_pos = e.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, T)
     e_neg = (q * e).sum(-1)  # (B, T)
     if kind == "fast_pcd":
         with torch.no_grad():  # fast weights descend the same loss with a large step, then decay
-            dl_de = F.one_hot(targets, V) * (1 + 2 * cfg.contrastive_reg * e_pos.unsqueeze(-1)) - q * (
-                1 + 2 * cfg.contrastive_reg * e_neg.unsqueeze(-1))  # (B, T, V)
+            reg = cfg.contrastive_reg  # dL/de of (E_pos - E_neg) + reg * (E_pos^2 + E_neg^2):
+            dl_de = F.one_hot(targets, V) * (1 + 2 * reg * e_pos.unsqueeze(-1)) - q * (1 - 2 * reg * e_neg.unsqueeze(-1))
             grad = dl_de.reshape(-1, V).t() @ h.detach().reshape(-1, h.size(-1)) / (B * T)  # (V, d)
-            state.fast_weight.mul_(cfg.fast_weight_decay).sub_(cfg.fast_weight_lr * grad)
+            state.fast_weight.mul_(cfg.fast_weight_decay).sub_(cfg.fast_weight_lr * grad.to(state.fast_weight.dtype))
     return (e_pos - e_neg) + cfg.contrastive_reg * (e_pos**2 + e_neg**2)
 
 
@@ -212,7 +212,7 @@ def generate(model, idx, max_new_tokens, think_steps, topk=0, sample=False, temp
         if not use_cache:
             h = model(idx[:, -bs:])
         elif caches is None or caches[0].length == bs:
-            ctx = idx[:, -bs:] if caches is None else idx[:, -(bs // 2):]
+            ctx = idx[:, -bs:] if caches is None else idx[:, -max(1, bs // 2):]
             caches = model.new_caches(idx.size(0))
             h = model(ctx, caches)
         else:

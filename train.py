@@ -26,7 +26,7 @@ from util import UserError, check_overrides, load_checkpoint, pick_device, run, 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 2000
+    max_steps: int = 1500
     learning_rate: float = 2e-3
     min_lr: float = 2e-4  # the cosine decay ends here
     warmup_steps: int = 100
@@ -107,6 +107,18 @@ def get_lr(step, t: TrainConfig):
     return t.min_lr + 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))) * (t.learning_rate - t.min_lr)
 
 
+def train_step(model, optimizer, x, y, state, cfg: RunConfig, think_steps=None):
+    """One optimizer step on batch (x, y); returns the CE of the prediction as a tensor (no sync)."""
+    terms = losses(model, x, y, state, think_steps)
+    loss = total_loss(cfg.model, terms, think_steps)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.train.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+    optimizer.step()
+    return terms["ce"].detach().mean()  # train_loss is the CE of the prediction, as val_loss
+
+
 @torch.no_grad()
 def evaluate(model, data, cfg: RunConfig, device):
     """Mean val cross-entropy after thinking (the prediction) and of System 1, on fixed val batches."""
@@ -137,16 +149,15 @@ class StopRequest:
             signal.signal(s, handler)
 
 
-def train(cfg: RunConfig):
+def setup(cfg: RunConfig):
+    """Check the config, pick the device, load the data, build the model, its optimizer and chain state."""
     check_config(cfg)
-    out_dir = Path(cfg.out_dir)
     device = pick_device(cfg.train.device)
     device_type = torch.device(device).type
     torch.manual_seed(cfg.train.seed)
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-
     data = Dataset(load_text(cfg.data.data_path), cfg.data.block_size)
     cfg.model.vocab_size = len(data.vocab)
     cfg.model.block_size = cfg.data.block_size
@@ -155,6 +166,13 @@ def train(cfg: RunConfig):
                                            (cfg.train.beta1, cfg.train.beta2), device_type)
     use_chains = cfg.model.use_contrastive and cfg.model.contrastive_type != "cd"
     state = ChainState(cfg.model).to(device) if use_chains else None
+    return device, data, model, optimizer, state
+
+
+def train(cfg: RunConfig):
+    device, data, model, optimizer, state = setup(cfg)
+    device_type = torch.device(device).type
+    out_dir = Path(cfg.out_dir)
     batch_gen = torch.Generator().manual_seed(cfg.train.seed)
 
     step, best_val, elapsed = 0, math.inf, 0.0
@@ -215,15 +233,8 @@ def train(cfg: RunConfig):
             for group in optimizer.param_groups:
                 group["lr"] = lr
             x, y = data.batch("train", cfg.data.batch_size, batch_gen, device)
-            terms = losses(fwd, x, y, state)
-            loss = total_loss(cfg.model, terms)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.train.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            optimizer.step()
+            loss_sum += train_step(fwd, optimizer, x, y, state, cfg)
             step += 1
-            loss_sum += terms["ce"].detach().mean()  # train_loss: CE of the prediction, as val_loss
             n_sum += 1
 
             if step % cfg.train.log_interval == 0 or step == cfg.train.max_steps:

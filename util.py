@@ -2,6 +2,7 @@
 
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -24,6 +25,8 @@ def run(fn, cfg):
         return fn(OmegaConf.to_object(cfg))
     except UserError as err:
         fail(err)
+    except KeyboardInterrupt:  # before training started, or while sampling: nothing to save
+        fail("interrupted")
 
 
 def check_overrides(config_name, args):
@@ -85,7 +88,9 @@ def load_checkpoint(path, map_location="cpu"):
     if not path.is_file():
         raise UserError(f"checkpoint {path} not found: train one first (uv run train.py) or pass checkpoint=PATH")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about old pickle formats before refusing them
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises many types here; all mean "unusable file"
         if "weights_only" in str(err) or "Weights only" in str(err):
             raise UserError(f"checkpoint {path} holds objects other than tensors and plain data; "

@@ -1,0 +1,471 @@
+"""Tests of ebm.py: the free energy, the think loop, the losses (no leaks), and contrastive divergence."""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+import ebm
+from conftest import make_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+V = 11
+D = torch.float64
+
+
+def rand(*shape, scale=1.0, seed=None):
+    g = torch.Generator().manual_seed(seed) if seed is not None else None
+    return scale * torch.randn(*shape, dtype=D, generator=g)
+
+
+def flat_grad(loss, params, retain_graph=True):
+    grads = torch.autograd.grad(loss, params, retain_graph=retain_graph, allow_unused=True)
+    return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)])
+
+
+def train_model(seed=0, **overrides):
+    """A tiny float64 GPT in training mode (dropout 0) with the given config overrides."""
+    return make_model(seed=seed, **overrides).train()
+
+
+def new_state(cfg):
+    """A float64 ChainState (the PCD buffer and fast weights) for cfg."""
+    return ebm.ChainState(cfg).to(D)
+
+
+def seq_batch(B=3, T=16, seed=0):
+    """idx (B, T) and targets (B, T) cut from one token sequence, as data.py does."""
+    g = torch.Generator().manual_seed(seed)
+    seq = torch.randint(V, (B, T + 1), generator=g)
+    return seq[:, :-1], seq[:, 1:]
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1. the free energy and its closed-form gradient
+
+
+@pytest.mark.parametrize("tau", [0.0, 0.1, 1.0])
+def test_free_energy_grad_matches_autograd(tau):
+    """free_energy_grad equals torch.autograd.grad of free_energy (float64, random z and e)."""
+    torch.manual_seed(0)
+    z = rand(4, 5, V, scale=3.0).requires_grad_(True)
+    e = rand(4, 5, V, scale=2.0)
+    (auto,) = torch.autograd.grad(ebm.free_energy(z, e, tau).sum(), z)
+    closed = ebm.free_energy_grad(z.detach(), e, tau)
+    assert closed.shape == z.shape
+    assert torch.allclose(closed, auto, rtol=1e-10, atol=1e-13)
+    assert auto.abs().max() > 1e-3  # the comparison is not between two zeros
+
+
+@pytest.mark.parametrize("tau", [0.1, 0.5, 1.0, 3.0])
+def test_free_energy_minimum_is_boltzmann(tau):
+    """F is minimised at softmax(-e/tau) with value -tau * logsumexp(-e/tau), and the gradient is zero there."""
+    torch.manual_seed(1)
+    e = rand(6, V)
+    z_star = -e / tau
+    f_star = ebm.free_energy(z_star, e, tau)
+    assert torch.allclose(f_star, -tau * torch.logsumexp(-e / tau, -1), rtol=0, atol=1e-12)
+    assert ebm.free_energy_grad(z_star, e, tau).abs().max() < 1e-14
+    for _ in range(5):  # any other candidate has a higher free energy
+        assert (ebm.free_energy(z_star + rand(6, V), e, tau) > f_star).all()
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2, 3, 4, 10. the think loop with a linear energy
+
+
+@pytest.mark.parametrize("tau", [0.5, 1.0, 2.0])
+def test_think_converges_to_boltzmann(tau):
+    """With a linear energy and tau > 0, long thinking (no clip, no noise) converges to softmax(-e/tau)."""
+    torch.manual_seed(2)
+    e = rand(4, 5, V)
+    z = rand(4, 5, V)
+    target = F.softmax(-e / tau, -1)
+    zs = ebm.think(z, ebm.linear_energy(e), 3000, 1.0 / tau, tau)
+    assert len(zs) == 3001 and zs[0] is z
+    err0 = (F.softmax(zs[0], -1) - target).abs().max()
+    err = (F.softmax(zs[-1], -1) - target).abs().max()
+    assert err0 > 0.1
+    assert err < 1e-3
+    # and thinking is a descent on F: the free energy never rises along the way (small steps)
+    fs = torch.stack([ebm.free_energy(zk, e, tau) for zk in zs[::50]])
+    assert (fs[1:] <= fs[:-1] + 1e-12).all()
+
+
+@pytest.mark.parametrize("lr", [0.1, 1.0, 10.0])
+@pytest.mark.parametrize("max_move", [math.inf, 0.25, 0.01])
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_tau0_thinking_keeps_argmax_and_sharpens(lr, max_move, temperature):
+    """tau = 0, no noise: at every step the argmax stays argmin e and the max probability never decreases."""
+    torch.manual_seed(3)
+    e = rand(8, 16, V, scale=2.0)
+    z0 = -e / temperature
+    zs = ebm.think(z0, ebm.linear_energy(e), 200, lr, 0.0, max_move)
+    best = e.argmin(-1)
+    prev = F.softmax(z0, -1).max(-1).values
+    for z in zs:
+        assert torch.equal(z.argmax(-1), best)
+        pmax = F.softmax(z, -1).max(-1).values
+        assert (pmax >= prev - 1e-12).all()
+        prev = pmax
+    p0 = F.softmax(z0, -1).max(-1).values
+    assert (prev > p0).all() and (prev - p0).mean() > 1e-2  # it really did sharpen
+    if math.isfinite(max_move):  # the clip is honoured
+        moves = torch.stack([(b - a).abs().max() for a, b in zip(zs[:-1], zs[1:])])
+        assert moves.max() <= max_move + 1e-12
+
+
+@pytest.mark.parametrize("max_move", [math.inf, 0.05])
+def test_think_step_does_not_depend_on_batch_or_length(max_move):
+    """Thinking on one row (1, 1, V) gives the same result as that row inside an (8, 16, V) batch."""
+    torch.manual_seed(4)
+    e_big = rand(8, 16, V, scale=3.0)
+    z_big = rand(8, 16, V)
+    e_one, z_one = e_big[5:6, 9:10].clone(), z_big[5:6, 9:10].clone()
+    for tau in (0.0, 0.3):
+        one = ebm.think(z_one, ebm.linear_energy(e_one), 10, 0.7, tau, max_move)[-1]
+        big = ebm.think(z_big, ebm.linear_energy(e_big), 10, 0.7, tau, max_move)[-1]
+        assert torch.allclose(one[0, 0], big[5, 9], rtol=0, atol=1e-13)
+        assert (one - z_one).abs().max() > 1e-2  # thinking moved the row by a step that is not divided by B*T
+    # the same through system2_logits with a model config
+    cfg = make_model(think_lr=0.7, think_max_move=max_move, entropy_weight=0.3).config
+    one = ebm.system2_logits(cfg, e_one, 5)[-1]
+    big = ebm.system2_logits(cfg, e_big, 5)[-1]
+    assert torch.allclose(one[0, 0], big[5, 9], rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_thinking_at_tau_equal_temperature_is_a_no_op(temperature):
+    """Linear energy, tau == softmax_temperature: z_0 is already the fixed point, softmax(z_K) == softmax(z_0)."""
+    torch.manual_seed(5)
+    e = rand(4, 8, V, scale=2.0)
+    model = make_model(softmax_temperature=temperature, entropy_weight=temperature, think_lr=2.0,
+                       think_max_move=math.inf)
+    zs = ebm.system2_logits(model.config, e, 20)
+    assert torch.allclose(F.softmax(zs[-1], -1), F.softmax(zs[0], -1), rtol=0, atol=1e-12)
+    assert torch.allclose(zs[0], -e / temperature)
+    # control: with tau != T the same loop does change the distribution
+    model.config.entropy_weight = temperature / 2
+    zs = ebm.system2_logits(model.config, e, 20)
+    assert (F.softmax(zs[-1], -1) - F.softmax(zs[0], -1)).abs().max() > 1e-2
+
+
+# ---------------------------------------------------------------------------------------------------
+# 5. nothing at position t sees x_{t+1} (or anything later)
+
+
+def run_losses(model, idx, targets, state, seed=123):
+    torch.manual_seed(seed)
+    terms = ebm.losses(model, idx, targets, state)
+    e = model.energies(model(idx))
+    return terms, e
+
+
+@pytest.mark.parametrize("think_steps", [0, 2])
+@pytest.mark.parametrize("kind", ["cd", "pcd", "fast_pcd"])
+def test_no_leak_from_future_tokens(think_steps, kind):
+    """Per-position ce, ce_s1, cd and the energies at positions <= t do not change when tokens after x_{t+1} change."""
+    B, T = 3, 16
+    model = train_model(
+        think_steps=think_steps, use_contrastive=True, contrastive_type=kind, contrastive_k=3,
+        langevin_step_size=0.3, langevin_noise_scale=0.05, think_noise=0.1 if think_steps else 0.0,
+        n_persistent=7, pcd_reinit_prob=0.3, entropy_weight=0.2)
+    state0 = new_state(model.config)
+    if kind == "fast_pcd":  # non-zero fast weights, so the sampling energy really uses them
+        state0.fast_weight.copy_(rand(V, 32, scale=0.5, seed=9))
+    g = torch.Generator().manual_seed(7)
+    seq = torch.randint(V, (B, T + 1), generator=g)
+    for t in (0, 5, 13):
+        seq2 = seq.clone()
+        seq2[:, t + 2:] = (seq[:, t + 2:] + 1 + torch.randint(V - 1, seq[:, t + 2:].shape, generator=g)) % V
+        assert (seq2[:, t + 2:] != seq[:, t + 2:]).all()
+        terms_a, e_a = run_losses(model, seq[:, :-1], seq[:, 1:], copy.deepcopy(state0))
+        terms_b, e_b = run_losses(model, seq2[:, :-1], seq2[:, 1:], copy.deepcopy(state0))
+        assert set(terms_a) == {"ce", "ce_s1", "cd"}
+        for name in terms_a:
+            assert torch.allclose(terms_a[name][:, : t + 1], terms_b[name][:, : t + 1], rtol=0, atol=1e-12), name
+            # the changed tokens do matter later on: the test can see a change when there is one
+            assert not torch.allclose(terms_a[name][:, t + 2:], terms_b[name][:, t + 2:]), name
+        assert torch.allclose(e_a[:, : t + 1], e_b[:, : t + 1], rtol=0, atol=1e-12)
+        assert not torch.allclose(e_a[:, t + 2:], e_b[:, t + 2:])
+
+
+def test_hidden_states_ignore_later_tokens(tiny_model):
+    """h_t and e_t at positions <= t are unchanged when idx[:, t+1:] changes (causal attention)."""
+    g = torch.Generator().manual_seed(8)
+    idx = torch.randint(V, (4, 16), generator=g)
+    h = tiny_model(idx)
+    for t in range(15):
+        idx2 = idx.clone()
+        idx2[:, t + 1:] = (idx[:, t + 1:] + 1) % V
+        h2 = tiny_model(idx2)
+        assert torch.allclose(h[:, : t + 1], h2[:, : t + 1], rtol=0, atol=1e-12)
+        assert torch.allclose(tiny_model.energies(h)[:, : t + 1], tiny_model.energies(h2)[:, : t + 1], rtol=0,
+                              atol=1e-12)
+        assert not torch.allclose(h[:, t + 1], h2[:, t + 1])
+
+
+# ---------------------------------------------------------------------------------------------------
+# 6. contrastive divergence approaches cross-entropy
+
+
+def test_exact_negatives_give_the_cross_entropy_gradient():
+    """With q = softmax(-e) (T = 1), grad of mean(E_pos - <stopgrad q, e>) equals grad of mean CE(z_0 = -e)."""
+    model = train_model(seed=1)
+    with torch.no_grad():  # sharper energies than at init, so the identity is not about uniform q
+        model.energy_head.weight.mul_(20)
+    idx, targets = seq_batch(B=4, seed=1)
+    params = list(model.parameters())
+    e = model.energies(model(idx))
+    q = F.softmax(-e, -1).detach()
+    l_cd = (e.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - (q * e).sum(-1)).mean()
+    ce = F.cross_entropy((-e).flatten(0, 1), targets.flatten())
+    g_cd, g_ce = flat_grad(l_cd, params), flat_grad(ce, params)
+    assert g_ce.norm() > 1e-2
+    assert torch.allclose(g_cd, g_ce, rtol=1e-9, atol=1e-12)
+    # the identity needs the exact negatives: uniform negatives give another gradient
+    l_bad = (e.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - e.mean(-1)).mean()
+    assert (flat_grad(l_bad, params) - g_ce).norm() > 0.1 * g_ce.norm()
+
+
+def cd_vs_ce_gradients(ks, tau, lr=1.0):
+    """(cosine, relative error) between the parameter gradients of mean(contrastive_loss) and mean CE(z_0)."""
+    model = train_model(seed=0, use_contrastive=True, contrastive_type="cd", entropy_weight=tau,
+                        softmax_temperature=1.0, langevin_noise_scale=0.0, contrastive_reg=0.0,
+                        langevin_step_size=lr)
+    with torch.no_grad():
+        model.energy_head.weight.mul_(30)  # peaked softmax(-e): the CD start (the data) is far from it
+    idx, targets = seq_batch(B=4, seed=1)
+    params = list(model.parameters())
+    h = model(idx)
+    e = model.energies(h)
+    g_ce = flat_grad(F.cross_entropy((-e).flatten(0, 1), targets.flatten()), params)
+    out = []
+    for k in ks:
+        model.config.contrastive_k = k
+        g = flat_grad(ebm.contrastive_loss(model.config, h, e, targets).mean(), params)
+        out.append((F.cosine_similarity(g, g_ce, dim=0).item(), ((g - g_ce).norm() / g_ce.norm()).item()))
+    return out
+
+
+def test_cd_k_approaches_cross_entropy_gradient_as_k_grows():
+    """tau = T = 1, no noise, no reg: CD-k's gradient turns toward the CE gradient as k grows (cd chains)."""
+    ks = [1, 4, 16, 64]
+    res = cd_vs_ce_gradients(ks, tau=1.0)
+    cos = [c for c, _ in res]
+    rel = [r for _, r in res]
+    # observed (k = 1, 4, 16, 64): cos 0.714, 0.764, 0.991, 0.9999; rel err 0.935, 0.715, 0.141, 0.013
+    assert all(a < b for a, b in zip(cos, cos[1:])), cos
+    assert all(a > b for a, b in zip(rel, rel[1:])), rel
+    assert cos[-1] > 0.999 and rel[-1] < 0.05, res
+
+
+def test_cd_k_with_tau0_collapses_to_the_mode():
+    """tau = 0: the chains collapse to the mode, so CD-k does not approach the CE gradient however large k is."""
+    (_, rel_tau1), = cd_vs_ce_gradients([256], tau=1.0)
+    (_, rel_tau0), = cd_vs_ce_gradients([256], tau=0.0)
+    assert rel_tau1 < 0.01  # observed 0.003
+    assert rel_tau0 > 0.2  # observed 0.46
+
+
+# ---------------------------------------------------------------------------------------------------
+# 7. the positive phase
+
+
+def test_positive_phase_has_gradient_and_scores_the_next_token():
+    """The cd term sends gradient to the energy head and the transformer, and E_pos scores targets (x_{t+1})."""
+    model = train_model(use_contrastive=True, contrastive_type="cd", contrastive_k=2, langevin_noise_scale=0.0)
+    idx, targets = seq_batch(seed=2)
+    terms = ebm.losses(model, idx, targets)
+    cd = terms["cd"].mean()
+    for name in ("energy_head.weight", "transformer.wte.weight", "transformer.h.0.attn.c_attn.weight",
+                 "transformer.h.1.mlp.c_fc.weight"):
+        p = dict(model.named_parameters())[name]
+        (g,) = torch.autograd.grad(cd, p, retain_graph=True)
+        assert g.abs().max() > 1e-8, name
+
+    # d cd / d e_t (reg = 0) is onehot(y_{t+1}) - q: the positive phase adds +1 at the target, so every
+    # position's gradient sums to zero over V and is positive at the target token
+    model.config.contrastive_reg = 0.0
+    e_leaf = model.energies(model(idx)).detach().requires_grad_(True)
+    (g_e,) = torch.autograd.grad(ebm.contrastive_loss(model.config, None, e_leaf, targets).sum(), e_leaf)
+    assert torch.allclose(g_e.sum(-1), torch.zeros_like(g_e[..., 0]), atol=1e-12)
+    assert (g_e.gather(-1, targets.unsqueeze(-1)) > 0).all()
+
+    # PCD with k = 0 and no restarts: the negative phase depends on the buffer only, so the difference of two
+    # cd terms under the same seed is exactly the difference of E_pos = e_t[targets_t]
+    model = train_model(use_contrastive=True, contrastive_type="pcd", contrastive_k=0, pcd_reinit_prob=0.0,
+                        contrastive_reg=0.0, n_persistent=5)
+    state0 = new_state(model.config)
+    targets2 = (targets + 1 + torch.randint(V - 1, targets.shape, generator=torch.Generator().manual_seed(3))) % V
+    cd1, e = run_losses(model, idx, targets, copy.deepcopy(state0))
+    cd2, _ = run_losses(model, idx, targets2, copy.deepcopy(state0))
+    diff = cd1["cd"] - cd2["cd"]
+    expected = e.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - e.gather(-1, targets2.unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(diff, expected, rtol=0, atol=1e-12)
+    assert expected.abs().max() > 1e-3
+    # and not the token the hidden state has already seen (idx)
+    wrong = e.gather(-1, idx.unsqueeze(-1)).squeeze(-1) - e.gather(-1, targets2.unsqueeze(-1)).squeeze(-1)
+    assert not torch.allclose(diff, wrong)
+
+
+def test_cd_term_matches_its_definition():
+    """cd = E_pos - <q, e> + reg (E_pos^2 + E_neg^2), q from k think steps starting at the smoothed data."""
+    model = train_model(use_contrastive=True, contrastive_type="cd", contrastive_k=3, langevin_step_size=0.4,
+                        langevin_noise_scale=0.0, contrastive_reg=0.05, entropy_weight=0.3)
+    cfg = model.config
+    idx, targets = seq_batch(seed=4)
+    h = model(idx)
+    e = model.energies(h)
+    got = ebm.contrastive_loss(cfg, h, e, targets)
+    p0 = 0.9 * F.one_hot(targets, V).to(D) + 0.1 / V
+    z = ebm.think(p0.log(), ebm.linear_energy(e.detach()), 3, 0.4, 0.3)[-1]
+    q = F.softmax(z, -1)
+    e_pos = e.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    e_neg = (q * e).sum(-1)
+    # (atol 1e-8: contrastive_loss builds the smoothed one-hot start in float32 whatever the model dtype)
+    assert torch.allclose(got, e_pos - e_neg + 0.05 * (e_pos**2 + e_neg**2), rtol=0, atol=1e-8)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 8. PCD buffer and fast PCD
+
+
+def pcd_model(kind="pcd", **kw):
+    base = dict(use_contrastive=True, contrastive_type=kind, contrastive_k=3, langevin_step_size=0.5,
+                langevin_noise_scale=0.0, pcd_reinit_prob=0.0, contrastive_reg=0.0, n_persistent=V)
+    return train_model(**{**base, **kw})
+
+
+def neg_energy_candidates(chains, e):
+    """<softmax(chain_r), e_t> for every buffer row r: (B, T, N)."""
+    return torch.einsum("nv,btv->btn", F.softmax(chains, -1), e)
+
+
+def test_pcd_buffer_persists_across_calls():
+    """A pcd training step rewrites the buffer rows it visited, and the next step's chains start from them."""
+    model = pcd_model()
+    state = new_state(model.config)
+    before = state.chains.clone()
+    idx, targets = seq_batch(B=2, T=4, seed=5)  # 8 positions, 11 rows: some rows are not visited
+    torch.manual_seed(0)
+    ebm.losses(model, idx, targets, state)
+    changed = (state.chains != before).any(-1)
+    assert 0 < changed.sum() <= 8
+    # next step with k = 0: each negative is read straight from the (updated) buffer
+    model.config.contrastive_k = 0
+    after = state.chains.clone()
+    terms, e = run_losses(model, idx, targets, state, seed=1)
+    e_neg = e.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - terms["cd"]  # reg = 0
+    cand = neg_energy_candidates(after, e)
+    assert ((cand - e_neg.unsqueeze(-1)).abs().min(-1).values < 1e-12).all()
+    assert torch.equal(state.chains, after)  # k = 0 writes back what it read
+    # the buffer as it was before the first step does not explain the negatives: they read the new rows
+    cand_old = neg_energy_candidates(before, e)
+    assert not ((cand_old - e_neg.unsqueeze(-1)).abs().min(-1).values < 1e-12).all()
+
+
+def test_pcd_negatives_come_from_a_known_buffer():
+    """With k = 0 and no restarts, every negative q is softmax of a buffer row (set to a known pattern)."""
+    model = pcd_model(contrastive_k=0)
+    state = new_state(model.config)
+    state.chains.copy_(40.0 * torch.eye(V, dtype=D) + rand(V, V, scale=0.1, seed=6))  # row r is ~ token r
+    idx, targets = seq_batch(B=3, T=16, seed=6)
+    terms, e = run_losses(model, idx, targets, state)
+    e_neg = e.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - terms["cd"]
+    diffs = (neg_energy_candidates(state.chains, e) - e_neg.unsqueeze(-1)).abs()
+    assert (diffs.min(-1).values < 1e-12).all()
+    rows = diffs.argmin(-1)
+    assert rows.unique().numel() > 3  # chains are drawn from many slots, not one
+    # each negative is (almost) the one-hot of its row's token: the buffer really is what was read
+    assert torch.allclose(e_neg, e.gather(-1, rows.unsqueeze(-1)).squeeze(-1), atol=1e-6)
+
+
+def test_pcd_restarts_from_noise():
+    """pcd_reinit_prob = 1: chains restart from noise, so the negatives are not read from the buffer."""
+    model = pcd_model(contrastive_k=0, pcd_reinit_prob=1.0)
+    state = new_state(model.config)
+    state.chains.copy_(40.0 * torch.eye(V, dtype=D))
+    idx, targets = seq_batch(seed=6)
+    terms, e = run_losses(model, idx, targets, state)
+    e_neg = e.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - terms["cd"]
+    diffs = (neg_energy_candidates(40.0 * torch.eye(V, dtype=D), e) - e_neg.unsqueeze(-1)).abs()
+    assert (diffs.min(-1).values > 1e-6).all()
+
+
+@pytest.mark.parametrize("reg", [0.0, 0.02])
+def test_fast_pcd_fast_weights_update_and_decay(reg):
+    """fast_pcd: fast weights step by -fast_weight_lr * grad of mean(cd) w.r.t. W_E, then decay when lr = 0."""
+    model = pcd_model("fast_pcd", fast_weight_lr=0.5, fast_weight_decay=0.9, contrastive_reg=reg)
+    state = new_state(model.config)
+    assert state.fast_weight.abs().max() == 0
+    idx, targets = seq_batch(seed=7)
+    torch.manual_seed(0)
+    terms = ebm.losses(model, idx, targets, state)
+    fw1 = state.fast_weight.clone()
+    assert fw1.abs().max() > 1e-4
+    # the fast weights descend the same loss as W_E (q held fixed), with their own step size
+    (g_we,) = torch.autograd.grad(terms["cd"].mean(), model.energy_head.weight)
+    assert torch.allclose(fw1, -0.5 * g_we, rtol=1e-9, atol=1e-13), (
+        "fast-weight step is not -fast_weight_lr * dL_cd/dW_E: d(reg * E_neg^2)/de = +2 reg E_neg q, "
+        f"max abs diff {(fw1 + 0.5 * g_we).abs().max().item():.3g}")
+    # zero step: the fast weights only decay
+    model.config.fast_weight_lr = 0.0
+    torch.manual_seed(1)
+    ebm.losses(model, idx, targets, state)
+    assert torch.allclose(state.fast_weight, 0.9 * fw1, rtol=1e-12, atol=0)
+
+
+def test_fast_weights_are_used_only_while_sampling():
+    """Large fast weights change the cd term (through the chains) but not ce, ce_s1 or the energies."""
+    model = pcd_model("fast_pcd", langevin_noise_scale=0.05, pcd_reinit_prob=0.2)
+    state0 = new_state(model.config)
+    state1 = copy.deepcopy(state0)
+    state1.fast_weight.copy_(rand(V, 32, scale=10.0, seed=8))
+    idx, targets = seq_batch(seed=8)
+    terms0, e0 = run_losses(model, idx, targets, state0)
+    terms1, e1 = run_losses(model, idx, targets, state1)
+    assert torch.equal(e0, e1)
+    assert torch.allclose(terms0["ce"], terms1["ce"], rtol=0, atol=0)
+    assert torch.allclose(terms0["ce_s1"], terms1["ce_s1"], rtol=0, atol=0)
+    assert (terms0["cd"] - terms1["cd"]).abs().max() > 1e-3
+    # plain pcd ignores the fast weights
+    model.config.contrastive_type = "pcd"
+    state2 = copy.deepcopy(state0)
+    state2.fast_weight.copy_(state1.fast_weight)
+    terms_p0, _ = run_losses(model, idx, targets, copy.deepcopy(state0))
+    terms_p2, _ = run_losses(model, idx, targets, state2)
+    assert torch.equal(terms_p0["cd"], terms_p2["cd"])
+    assert torch.equal(state2.fast_weight, state1.fast_weight)  # and does not update them
+
+
+# ---------------------------------------------------------------------------------------------------
+# losses bookkeeping
+
+
+def test_contrastive_term_only_in_training_mode():
+    """losses() adds cd only with use_contrastive in training mode; eval mode has ce and ce_s1 only."""
+    model = pcd_model("cd")
+    idx, targets = seq_batch(seed=9)
+    assert set(ebm.losses(model, idx, targets)) == {"ce", "ce_s1", "cd"}
+    model.eval()
+    assert set(ebm.losses(model, idx, targets)) == {"ce", "ce_s1"}
+
+
+def test_losses_ce_terms_are_cross_entropies_of_z0_and_zK():
+    """ce_s1 is CE of z_0 = -e/T and ce is CE of the thinking output z_K, per position."""
+    model = make_model(think_steps=3, softmax_temperature=0.7, entropy_weight=0.2).eval()
+    idx, targets = seq_batch(seed=10)
+    terms = ebm.losses(model, idx, targets)
+    e = model.energies(model(idx))
+    zs = ebm.system2_logits(model.config, e, 3)
+    nll = lambda z: -F.log_softmax(z, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # noqa: E731
+    assert torch.allclose(terms["ce_s1"], nll(-e / 0.7), atol=1e-12)
+    assert torch.allclose(terms["ce"], nll(zs[-1]), atol=1e-12)
+    assert not torch.allclose(terms["ce"], terms["ce_s1"])
+    # think_steps override
+    terms0 = ebm.losses(model, idx, targets, think_steps=0)
+    assert torch.allclose(terms0["ce"], terms0["ce_s1"], atol=1e-12)
