@@ -38,44 +38,142 @@ def free_energy_grad(z, e, tau):
 
 
 # ---------------------------------------------------------------------------------------------------
+# energies of a candidate p: each returns (E (...), dE/dp (..., V)), the energy and its energy vector
+
+
+def linear_energy(e):
+    """E(p) = <p, e>: the linear head's energy vector e is the same whatever the candidate."""
+    return lambda p: ((p * e).sum(-1), e)
+
+
+def gelu_grad(x):
+    """d/dx of the exact GELU x * Phi(x): Phi(x) + x * phi(x)."""
+    return 0.5 * (1 + torch.erf(x / math.sqrt(2))) + x * torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+
+
+def mixture_energy(model, h, e):
+    """
+    E(h, p) = <p, W_E h> + beta * g([h, ybar(p)]),  ybar(p) = sum_v p_v W_emb[v],  g = proj(gelu(fc(.))).
+    dE/dp = e + beta * W_emb dg/dybar, in closed form. With model.mixture_stopgrad, p inside g is a constant
+    for backprop: each step re-evaluates the energy vector at the current p and descends it as if linear.
+    """
+    d = h.size(-1)
+    W1, b1 = model.mix_fc.weight, model.mix_fc.bias  # (H, 2d), (H,)
+    w2, b2 = model.mix_proj.weight[0], model.mix_proj.bias[0]  # (H,), ()
+    pre_h = F.linear(h, W1[:, :d], b1)  # (..., H): the context's part of fc, once per position
+    M = model.transformer.wte.weight @ W1[:, d:].t()  # (V, H): fc of each token's embedding, once per batch
+    beta = model.mix_beta
+
+    def energy(p):
+        q = p.detach() if model.config.mixture_stopgrad else p
+        pre = pre_h + q @ M  # (..., H) = fc([h, ybar(q)])
+        g = F.gelu(pre) @ w2 + b2  # (...)
+        dg_dp = (w2 * gelu_grad(pre)) @ M.t()  # (..., V) = W_emb dg/dybar
+        return (p * e).sum(-1) + beta * g, e + beta * dg_dp
+
+    return energy
+
+
+def transformer_energy(model, caches):
+    """
+    EBT: E(x_1..x_t, p) is a scalar read from the candidate slot of a transformer over [observed | candidates]
+    (model.candidate_energy), fed the expected embedding ybar(p). The observed stream's keys/values sit in
+    caches, computed once; each step runs only the candidate slots. dE/dp by autograd: while training with
+    gradients on, create_graph so that the loss backpropagates through the step (double backward).
+    """
+    wte = model.transformer.wte.weight
+
+    def energy(p):
+        create_graph = torch.is_grad_enabled()
+        with torch.enable_grad():
+            if not p.requires_grad:
+                p = p.detach().requires_grad_()
+            E = model.candidate_energy(p @ wte, caches)  # (..., T): slot t depends on p_t only
+            (dE_dp,) = torch.autograd.grad(E.sum(), p, create_graph=create_graph)
+        return E, dE_dp
+
+    return energy
+
+
+def make_energy(model, h, e, caches=None):
+    if model.config.energy == "mixture":
+        return mixture_energy(model, h, e)
+    if model.config.energy == "transformer":
+        return transformer_energy(model, caches)
+    return linear_energy(e)
+
+
+# ---------------------------------------------------------------------------------------------------
 # the think loop: one loop for training, eval, sampling and the contrastive chains
 
 
-def think(z, energy, steps, lr, tau, max_move=math.inf, noise=0.0):
+def think(z, energy, steps, lr, tau, max_move=math.inf, noise=0.0, truncate=False):
     """
     Descend F from logits z (..., V) for `steps` steps; return the list [z_0, z_1, ..., z_K].
 
         z_{k+1} = z_k - clip(lr * dF/dz(z_k), -max_move, max_move) + sqrt(2 lr) * noise * N(0, 1)
 
-    energy(p) gives the energy vector e (..., V) at candidate p. A linear head ignores p (its e is fixed),
-    so its fixed point is the Boltzmann distribution softmax(-e / tau); with tau = 0 and no noise every
-    step raises the lowest-energy token's logit at least as much as any other's, so the argmax never
-    changes: linear thinking only anneals the temperature.
+    energy(p) gives (E, dE/dp) at candidate p; dF/dz is free_energy_grad with e = dE/dp, exact for any E.
+    A linear head's e does not depend on p, so its fixed point is the Boltzmann distribution
+    softmax(-e / tau); with tau = 0 and no noise every step raises the lowest-energy token's logit at least
+    as much as any other's, so the argmax never changes: linear thinking only anneals the temperature.
     The step is per position: nothing is averaged over the batch or the sequence, so its size does not
-    depend on B or T.
+    depend on B or T. truncate: the steps before the last run without a graph (truncated backprop).
     """
     zs = [z]
-    for _ in range(steps):
-        e = energy(F.softmax(z, dim=-1))
-        move = lr * free_energy_grad(z, e, tau)
-        if math.isfinite(max_move):
-            move = move.clamp(-max_move, max_move)
-        z = z - move
-        if noise > 0:
-            z = z + math.sqrt(2 * lr) * noise * torch.randn_like(z)
+    for k in range(steps):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not (truncate and k < steps - 1)):
+            if truncate and k == steps - 1:
+                z = z.detach()
+            _, e = energy(F.softmax(z, dim=-1))
+            move = lr * free_energy_grad(z, e, tau)
+            if math.isfinite(max_move):
+                move = move.clamp(-max_move, max_move)
+            z = z - move
+            if noise > 0:
+                z = z + (2 * lr) ** 0.5 * noise * torch.randn_like(z)
         zs.append(z)
     return zs
 
 
-def linear_energy(e):
-    """The linear head's energy: the same vector e whatever the candidate."""
-    return lambda p: e
-
-
-def system2_logits(cfg, e, steps, noise=0.0):
-    """System 1 logits z_0 = -e / T, then `steps` think steps; returns [z_0, ..., z_K]."""
+def system2_logits(model, h, e, steps, caches=None, samples=1, training=False, topk=0):
+    """
+    System 1 logits z_0 = -e / T, then `steps` think steps on the model's energy; returns [z_0, ..., z_K].
+    training: Langevin noise, and (if configured) a random step size and truncated backprop.
+    samples = M > 1 (self-verification): think from z_0 and M - 1 random starts, keep per position the
+    candidate with the lowest free energy. topk: think over the System 1 top-k candidates only.
+    """
+    cfg = model.config
     z0 = -e / cfg.softmax_temperature
-    return think(z0, linear_energy(e), steps, cfg.think_lr, cfg.entropy_weight, cfg.think_max_move, noise)
+    energy = make_energy(model, h, e, caches)
+    lr = model.think_lr()
+    if training and cfg.think_lr_jitter > 0:
+        lr = lr * (1 + cfg.think_lr_jitter * (2 * torch.rand(()).item() - 1))
+    noise = cfg.think_noise if training else 0.0
+    V = e.size(-1)
+    if topk and topk < V:  # the rest are ruled out (-inf); p is zero there
+        ix = z0.topk(topk, dim=-1).indices  # (..., k)
+
+        def energy_k(pk, full=energy):
+            E, dE_dp = full(torch.zeros(*pk.shape[:-1], V, dtype=pk.dtype, device=pk.device).scatter(
+                -1, ix.expand(pk.shape), pk))
+            return E, dE_dp.gather(-1, ix.expand(pk.shape))
+
+        zs = system2_logits_from(z0.gather(-1, ix), energy_k, steps, lr, cfg, noise, samples, training)
+        return [torch.full_like(z0, -math.inf).scatter(-1, ix, z) for z in zs]
+    return system2_logits_from(z0, energy, steps, lr, cfg, noise, samples, training)
+
+
+def system2_logits_from(z0, energy, steps, lr, cfg, noise, samples, training):
+    if samples <= 1:
+        return think(z0, energy, steps, lr, cfg.entropy_weight, cfg.think_max_move, noise,
+                     truncate=training and cfg.think_truncate)
+    starts = torch.cat([z0.unsqueeze(0), torch.randn(samples - 1, *z0.shape, dtype=z0.dtype, device=z0.device)])
+    zs = think(starts, energy, steps, lr, cfg.entropy_weight, cfg.think_max_move, noise)  # each (M, ..., V)
+    logp = F.log_softmax(zs[-1], dim=-1)
+    free = energy(logp.exp())[0] + cfg.entropy_weight * (logp.exp() * logp).sum(-1)  # F = E - tau H, (M, ...)
+    best = free.argmin(0, keepdim=True).unsqueeze(-1).expand(1, *z0.shape)  # (1, ..., V)
+    return [z.gather(0, best).squeeze(0) for z in zs]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -145,22 +243,29 @@ def losses(model, idx, targets, state=None, think_steps=None):
     """
     cfg = model.config
     K = cfg.think_steps if think_steps is None else think_steps
-    h = model(idx)  # (B, T, d): the only transformer pass
+    if model.training and cfg.think_steps_random and K > 1:
+        K = int(torch.randint(1, K + 1, ()))
+    caches = model.new_caches(idx.size(0)) if cfg.energy == "transformer" else None
+    h = model(idx, caches)  # (B, T, d): the only pass over the observed tokens
     e = model.energies(h)  # (B, T, V)
-    zs = system2_logits(cfg, e, K, noise=cfg.think_noise if model.training else 0.0)
-    out = {
-        "ce": F.cross_entropy(zs[-1].flatten(0, 1), targets.flatten(), reduction="none").view_as(targets),
-        "ce_s1": F.cross_entropy(zs[0].flatten(0, 1), targets.flatten(), reduction="none").view_as(targets),
-    }
+    samples = 1 if model.training else cfg.think_samples
+    zs = system2_logits(model, h, e, K, caches, samples, training=model.training)
+
+    def ce(z):
+        return F.cross_entropy(z.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+
+    out = {"ce": ce(zs[-1]), "ce_s1": ce(zs[0])}
+    if cfg.ce_all_steps and model.training and K > 1:  # train every step's prediction, as EBT
+        out["ce_steps"] = torch.stack([ce(z) for z in zs[1:]]).mean(0)
     if cfg.use_contrastive and model.training:
         out["cd"] = contrastive_loss(cfg, h, e, targets, state)
     return out
 
 
 def total_loss(cfg, terms, think_steps=None):
-    """CE(z_K) + aux_ce_weight * CE(z_0) [+ contrastive_weight * L_cd], each averaged over positions."""
+    """CE(z_K) (or its mean over steps) + aux_ce_weight * CE(z_0) [+ contrastive_weight * L_cd]."""
     K = cfg.think_steps if think_steps is None else think_steps
-    loss = terms["ce"].mean()
+    loss = terms["ce_steps"].mean() if "ce_steps" in terms else terms["ce"].mean()
     if K > 0:
         loss = loss + cfg.aux_ce_weight * terms["ce_s1"].mean()
     if "cd" in terms:
@@ -173,16 +278,10 @@ def total_loss(cfg, terms, think_steps=None):
 
 
 @torch.no_grad()
-def next_logits(model, h, think_steps, topk=0):
-    """Logits for the next token from hidden states h (B, d): System 1, then thinking over the top-k."""
-    cfg = model.config
-    e = model.energies(h)  # (B, V)
-    if topk and topk < e.size(-1):
-        # think over the System 1 top-k candidates only; the rest are ruled out
-        e_top, ix = e.topk(topk, dim=-1, largest=False)  # lowest energies = highest S1 logits
-        z_top = system2_logits(cfg, e_top, think_steps)[-1]
-        return torch.full_like(e, -math.inf).scatter(-1, ix, z_top)
-    return system2_logits(cfg, e, think_steps)[-1]
+def next_logits(model, h, think_steps, topk=0, caches=None, samples=1):
+    """Logits (B, V) for the next token from the last hidden state h (B, 1, d): System 1, then thinking."""
+    e = model.energies(h)  # (B, 1, V)
+    return system2_logits(model, h, e, think_steps, caches, samples, topk=topk)[-1][:, -1]
 
 
 def pick(z, sample, temperature=1.0, top_p=1.0, generator=None):
@@ -199,24 +298,23 @@ def pick(z, sample, temperature=1.0, top_p=1.0, generator=None):
 
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, think_steps, topk=0, sample=False, temperature=1.0, top_p=1.0,
-             generator=None, use_cache=True):
+             generator=None, use_cache=True, samples=1):
     """
     Continue idx (B, T) by max_new_tokens tokens. With the KV cache each new token costs one single-token
     pass. When the cache holds block_size tokens it is rebuilt from the most recent block_size // 2
     tokens, so each rebuild buys block_size // 2 cheap steps and the context never drops below half a
     window. Without the cache (use_cache=False) each step reruns the last block_size tokens.
+    The transformer energy reads the observed keys/values from the same cache while thinking.
     """
     bs = model.config.block_size
     caches = None
     for _ in range(max_new_tokens):
-        if not use_cache:
-            h = model(idx[:, -bs:])
-        elif caches is None or caches[0].length == bs:
-            ctx = idx[:, -bs:] if caches is None else idx[:, -max(1, bs // 2):]
+        if not use_cache or caches is None or caches[0].length == bs:
+            ctx = idx[:, -max(1, bs // 2):] if use_cache and caches is not None else idx[:, -bs:]
             caches = model.new_caches(idx.size(0))
             h = model(ctx, caches)
         else:
             h = model(idx[:, -1:], caches)
-        z = next_logits(model, h[:, -1], think_steps, topk)
+        z = next_logits(model, h[:, -1:], think_steps, topk, caches, samples)
         idx = torch.cat([idx, pick(z, sample, temperature, top_p, generator)], dim=1)
     return idx

@@ -23,16 +23,23 @@ class ModelConfig:
     vocab_size: int = 0  # set from the data at train time (0 = not yet known)
     block_size: int = 0  # copied from data.block_size at train time (the only block size)
     # energy and thinking (ebm.py)
-    energy: str = "linear"  # the energy over candidate next tokens; linear is e_t = W_E h_t
+    energy: str = "linear"  # linear | mixture | transformer: the energy of a candidate next token (ebm.py)
     softmax_temperature: float = 1.0  # System 1 logits z_0 = -e / T
     entropy_weight: float = 0.1  # tau in F(z) = <p, e> - tau * H(p)
     think_steps: int = 2  # K gradient steps on F per position
     refine_steps: Optional[int] = None  # the predecessor's name for think_steps (an alias)
     think_lr: float = 0.5  # eta, step size of a think step
+    think_lr_learnable: bool = False  # learn eta (in log space; its learning rate: train.think_lr_lr_mult)
     think_max_move: float = 0.25  # m, largest change of one logit in one step
     think_noise: float = 0.0  # sigma, Langevin noise of the think steps while training
+    think_steps_random: bool = False  # training: draw K uniformly from 1..think_steps for each batch
+    think_lr_jitter: float = 0.0  # training: multiply eta by U(1 - j, 1 + j) for each batch
+    think_truncate: bool = False  # backprop through the last think step only (earlier steps are detached)
+    think_samples: int = 1  # self-verification: M candidates per position, keep the lowest free energy
+    ce_all_steps: bool = False  # cross-entropy averaged over z_1..z_K instead of z_K only
     aux_ce_weight: float = 0.1  # weight of the System 1 cross-entropy in the training loss
-    mixture_stopgrad: bool = True  # for the mixture energy (not in this version: energy=linear only)
+    mixture_hidden: int = 128  # width of g in the mixture energy
+    mixture_stopgrad: bool = True  # mixture: treat p inside g as a constant when backpropagating
     # contrastive divergence (ebm.py: contrastive_loss)
     use_contrastive: bool = False
     contrastive_type: str = "cd"  # cd | pcd | fast_pcd
@@ -91,6 +98,29 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
+    def candidates(self, x, cache):
+        """
+        Attention of candidate slots x (..., Tc, C) for the last Tc positions of the cached observed stream:
+        the candidate for position t sees observed keys 0..t and itself, nothing else. Written out (no fused
+        kernel) so that double backward works on every device. Leading dims of x broadcast over the cache.
+        """
+        *lead, Tc, C = x.shape
+        hs = C // self.n_head
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=-1)
+        q, k, v = (t.view(*lead, Tc, self.n_head, hs).transpose(-2, -3) for t in (q, k, v))  # (..., nh, Tc, hs)
+        L = cache.length
+        K, V = cache.k[:, :, :L], cache.v[:, :, :L]  # (B, nh, L, hs) observed keys and values
+        scale = 1.0 / math.sqrt(hs)
+        att_obs = (q @ K.transpose(-2, -1)) * scale  # (..., nh, Tc, L)
+        visible = torch.ones(Tc, L, dtype=torch.bool, device=x.device).tril(diagonal=L - Tc)
+        att_obs = att_obs.masked_fill(~visible, float("-inf"))
+        att_self = (q * k).sum(-1, keepdim=True) * scale  # (..., nh, Tc, 1)
+        att = F.softmax(torch.cat([att_obs, att_self], dim=-1), dim=-1)
+        y = att[..., :L] @ V + att[..., L:] * v  # (..., nh, Tc, hs)
+        y = y.transpose(-2, -3).reshape(*lead, Tc, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -115,6 +145,11 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), cache)
         x = x + self.mlp(self.ln_2(x))
         return x
+
+    def candidates(self, c, cache):
+        c = c + self.attn.candidates(self.ln_1(c), cache)
+        c = c + self.mlp(self.ln_2(c))
+        return c
 
 
 class LayerCache:
@@ -151,6 +186,19 @@ class GPT(nn.Module):
         # W_E (V x d, no bias): the energy of candidate token v at position t is e_t[v] = (W_E h_t)[v].
         # Not tied to wte: the energy has the opposite sign of a logit, and tying would fight that.
         self.energy_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.energy == "mixture":
+            # g([h, ybar(p)]) -> scalar, and its weight beta. beta starts at 1 and g's output layer is small
+            # but non-zero, so that g and beta both get gradients from the first step
+            self.mix_fc = nn.Linear(2 * config.n_embd, config.mixture_hidden)
+            self.mix_proj = nn.Linear(config.mixture_hidden, 1)
+            self.mix_beta = nn.Parameter(torch.ones(()))
+        if config.energy == "transformer":
+            # candidate slots: the expected embedding of the candidate + position + this marker; the energy
+            # is read from the slot's last hidden state
+            self.cand_marker = nn.Parameter(torch.zeros(config.n_embd))
+            self.energy_readout = nn.Linear(config.n_embd, 1, bias=False)
+        if config.think_lr_learnable:
+            self.think_log_lr = nn.Parameter(torch.tensor(math.log(config.think_lr)))
         self.apply(self._init_weights)
         # scaled init of the residual projections, as GPT-2
         for pn, p in self.named_parameters():
@@ -183,15 +231,35 @@ class GPT(nn.Module):
         """e_t = W_E h_t: one energy per candidate next token."""
         return self.energy_head(h)  # (B, T, V)
 
+    def think_lr(self):
+        """eta: learned (log-parametrised, so it stays positive) or the configured constant."""
+        return self.think_log_lr.exp() if self.config.think_lr_learnable else self.config.think_lr
+
+    def candidate_energy(self, cand, caches):
+        """
+        Transformer energy: scalar energies (..., Tc) of candidate embeddings cand (..., Tc, d) for the last Tc
+        positions of the observed stream held in caches (its per-layer keys/values, computed once).
+        """
+        Tc, L = cand.size(-2), caches[0].length
+        pos = torch.arange(L - Tc, L, device=cand.device)
+        c = cand + self.transformer.wpe(pos) + self.cand_marker
+        for block, cache in zip(self.transformer.h, caches):
+            c = block.candidates(c, cache)
+        return self.energy_readout(self.transformer.ln_f(c)).squeeze(-1)
+
     def new_caches(self, batch_size, device=None, dtype=None):
         w = self.energy_head.weight
         return [LayerCache(self.config, batch_size, device or w.device, dtype or w.dtype) for _ in self.transformer.h]
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        # every 2D tensor (matmuls, embeddings) decays; biases and norms do not
-        params = [p for p in self.parameters() if p.requires_grad]
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, think_lr_lr_mult=1.0):
+        # every 2D tensor (matmuls, embeddings) decays; biases, norms and scalars do not; a learned step
+        # size has its own group whose learning rate is think_lr_lr_mult times the others'
+        step_size = [self.think_log_lr] if self.config.think_lr_learnable else []
+        params = [p for p in self.parameters() if p.requires_grad and all(p is not q for q in step_size)]
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if step_size:
+            groups.append({"params": step_size, "weight_decay": 0.0, "lr_mult": think_lr_lr_mult})
         fused = device_type == "cuda"  # the fused AdamW kernel exists for CUDA tensors only
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)

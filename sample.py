@@ -26,6 +26,7 @@ class SampleConfig:
     max_new_tokens: int = 500
     use_thinking: bool = True  # false: System 1 only
     think_steps: Optional[int] = None  # default: the model's model.think_steps
+    think_samples: Optional[int] = None  # self-verification: M candidates per position (default: the model's)
     topk: int = 0  # think over (and pick from) the System 1 top-k candidates only; 0 = all
     sample: bool = False  # false: greedy argmax (deterministic); true: draw from the distribution
     sample_temp: float = 1.0
@@ -57,6 +58,8 @@ def sample(cfg: SampleConfig):
         raise UserError("sample_temp must be > 0 and sample_top_p in (0, 1]")
     if cfg.think_steps is not None and cfg.think_steps < 0:
         raise UserError(f"think_steps={cfg.think_steps} must be >= 0")
+    if cfg.think_samples is not None and cfg.think_samples < 1:
+        raise UserError(f"think_samples={cfg.think_samples} must be >= 1")
     device = pick_device(cfg.device)
     model, vocab = load_model(cfg.checkpoint, device)
     steps = 0 if not cfg.use_thinking else (model.config.think_steps if cfg.think_steps is None else cfg.think_steps)
@@ -65,8 +68,9 @@ def sample(cfg: SampleConfig):
     torch.manual_seed(cfg.seed)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     t0 = time.time()
+    samples = model.config.think_samples if cfg.think_samples is None else cfg.think_samples
     out = generate(model, idx, cfg.max_new_tokens, steps, topk=cfg.topk, sample=cfg.sample,
-                   temperature=cfg.sample_temp, top_p=cfg.sample_top_p, generator=gen)
+                   temperature=cfg.sample_temp, top_p=cfg.sample_top_p, generator=gen, samples=samples)
     dt = time.time() - t0
     for row in out.tolist():
         print(vocab.decode(row))

@@ -35,6 +35,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0  # 0 disables clipping
+    think_lr_lr_mult: float = 10.0  # learning rate of a learned think step size (model.think_lr_learnable), x lr
     eval_interval: int = 250
     eval_iters: int = 20  # val batches per evaluation (the same batches every time)
     log_interval: int = 10  # steps between progress-bar updates (and the NaN check)
@@ -57,6 +58,7 @@ class RunConfig:
 ConfigStore.instance().store(name="train_schema", node=RunConfig)
 
 CONTRASTIVE_TYPES = ("cd", "pcd", "fast_pcd")
+ENERGIES = ("linear", "mixture", "transformer")
 
 
 def check_config(cfg: RunConfig):
@@ -69,30 +71,32 @@ def check_config(cfg: RunConfig):
         problems.append("model.n_layer, model.n_head and model.n_embd must be >= 1")
     elif m.n_embd % m.n_head:
         problems.append(f"model.n_embd={m.n_embd} is not divisible by model.n_head={m.n_head}")
-    if m.energy != "linear":
-        problems.append(f"model.energy={m.energy} is not available: this version has model.energy=linear")
+    if m.energy not in ENERGIES:
+        problems.append(f"model.energy={m.energy} must be one of {', '.join(ENERGIES)}")
     if m.contrastive_type not in CONTRASTIVE_TYPES:
         problems.append(f"model.contrastive_type={m.contrastive_type} must be one of {', '.join(CONTRASTIVE_TYPES)}")
     for key in ("think_steps", "contrastive_k"):
         if getattr(m, key) < 0:
             problems.append(f"model.{key}={getattr(m, key)} must be >= 0")
-    for key in ("softmax_temperature", "think_lr", "think_max_move", "n_persistent"):
+    for key in ("softmax_temperature", "think_lr", "think_max_move", "n_persistent", "think_samples", "mixture_hidden"):
         if getattr(m, key) <= 0:
             problems.append(f"model.{key}={getattr(m, key)} must be > 0")
     if not 0 <= m.dropout < 1:
         problems.append(f"model.dropout={m.dropout} must be in [0, 1)")
     if m.entropy_weight < 0 or m.think_noise < 0 or m.langevin_step_size < 0 or m.langevin_noise_scale < 0:
         problems.append("model.entropy_weight, think_noise, langevin_step_size, langevin_noise_scale must be >= 0")
+    if not 0 <= m.think_lr_jitter < 1:
+        problems.append(f"model.think_lr_jitter={m.think_lr_jitter} must be in [0, 1)")
     if not 0 <= m.pcd_reinit_prob <= 1 or not 0 <= m.fast_weight_decay <= 1:
         problems.append("model.pcd_reinit_prob and model.fast_weight_decay must be in [0, 1]")
     if t.max_steps < 1 or t.eval_interval < 1 or t.eval_iters < 1 or t.log_interval < 1:
         problems.append("train.max_steps, eval_interval, eval_iters and log_interval must be >= 1")
-    if t.learning_rate <= 0 or t.min_lr < 0 or t.warmup_steps < 0:
-        problems.append("train.learning_rate must be > 0, train.min_lr and train.warmup_steps >= 0")
+    if t.learning_rate <= 0 or t.min_lr < 0 or t.warmup_steps < 0 or t.think_lr_lr_mult < 0:
+        problems.append("train.learning_rate must be > 0; train.min_lr, warmup_steps, think_lr_lr_mult >= 0")
     if cfg.data.batch_size < 1 or cfg.data.block_size < 1:
         problems.append("data.batch_size and data.block_size must be >= 1")
-    if not m.mixture_stopgrad and m.energy == "linear":
-        print("note: model.mixture_stopgrad applies to model.energy=mixture only; the linear energy ignores it")
+    if not m.mixture_stopgrad and m.energy != "mixture":
+        print("note: model.mixture_stopgrad applies to model.energy=mixture only; this energy ignores it")
     if problems:
         raise UserError("; ".join(problems))
 
@@ -163,7 +167,7 @@ def setup(cfg: RunConfig):
     cfg.model.block_size = cfg.data.block_size
     model = GPT(cfg.model).to(device)
     optimizer = model.configure_optimizers(cfg.train.weight_decay, cfg.train.learning_rate,
-                                           (cfg.train.beta1, cfg.train.beta2), device_type)
+                                           (cfg.train.beta1, cfg.train.beta2), device_type, cfg.train.think_lr_lr_mult)
     use_chains = cfg.model.use_contrastive and cfg.model.contrastive_type != "cd"
     state = ChainState(cfg.model).to(device) if use_chains else None
     return device, data, model, optimizer, state
@@ -231,7 +235,7 @@ def train(cfg: RunConfig):
                                 "continue with the same command plus train.resume=true")
             lr = get_lr(step, cfg.train)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_mult", 1.0)
             x, y = data.batch("train", cfg.data.batch_size, batch_gen, device)
             loss_sum += train_step(fwd, optimizer, x, y, state, cfg)
             step += 1

@@ -131,9 +131,9 @@ def test_think_step_does_not_depend_on_batch_or_length(max_move):
         assert torch.allclose(one[0, 0], big[5, 9], rtol=0, atol=1e-13)
         assert (one - z_one).abs().max() > 1e-2  # thinking moved the row by a step that is not divided by B*T
     # the same through system2_logits with a model config
-    cfg = make_model(think_lr=0.7, think_max_move=max_move, entropy_weight=0.3).config
-    one = ebm.system2_logits(cfg, e_one, 5)[-1]
-    big = ebm.system2_logits(cfg, e_big, 5)[-1]
+    model = make_model(think_lr=0.7, think_max_move=max_move, entropy_weight=0.3)
+    one = ebm.system2_logits(model, None, e_one, 5)[-1]
+    big = ebm.system2_logits(model, None, e_big, 5)[-1]
     assert torch.allclose(one[0, 0], big[5, 9], rtol=0, atol=1e-13)
 
 
@@ -144,12 +144,12 @@ def test_thinking_at_tau_equal_temperature_is_a_no_op(temperature):
     e = rand(4, 8, V, scale=2.0)
     model = make_model(softmax_temperature=temperature, entropy_weight=temperature, think_lr=2.0,
                        think_max_move=math.inf)
-    zs = ebm.system2_logits(model.config, e, 20)
+    zs = ebm.system2_logits(model, None, e, 20)
     assert torch.allclose(F.softmax(zs[-1], -1), F.softmax(zs[0], -1), rtol=0, atol=1e-12)
     assert torch.allclose(zs[0], -e / temperature)
     # control: with tau != T the same loop does change the distribution
     model.config.entropy_weight = temperature / 2
-    zs = ebm.system2_logits(model.config, e, 20)
+    zs = ebm.system2_logits(model, None, e, 20)
     assert (F.softmax(zs[-1], -1) - F.softmax(zs[0], -1)).abs().max() > 1e-2
 
 
@@ -461,7 +461,7 @@ def test_losses_ce_terms_are_cross_entropies_of_z0_and_zK():
     idx, targets = seq_batch(seed=10)
     terms = ebm.losses(model, idx, targets)
     e = model.energies(model(idx))
-    zs = ebm.system2_logits(model.config, e, 3)
+    zs = ebm.system2_logits(model, None, e, 3)
     nll = lambda z: -F.log_softmax(z, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # noqa: E731
     assert torch.allclose(terms["ce_s1"], nll(-e / 0.7), atol=1e-12)
     assert torch.allclose(terms["ce"], nll(zs[-1]), atol=1e-12)

@@ -92,7 +92,7 @@ def test_generate_cache_equals_no_cache_within_block(tiny_factory, think_steps, 
 
 def reference_logits(model, window, think_steps, topk=0):
     with torch.no_grad():
-        return ebm.next_logits(model, model(window)[:, -1], think_steps, topk)
+        return ebm.next_logits(model, model(window)[:, -1:], think_steps, topk)
 
 
 @pytest.mark.parametrize("bs,prompt_len", [(16, 5), (16, 16), (16, 20), (3, 2), (1, 1), (1, 4)])
@@ -192,7 +192,7 @@ def test_next_logits_topk(tiny_factory, k):
     h = torch.randn(20, 32, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
     with torch.no_grad():
         e = model.energies(h)
-        z = ebm.next_logits(model, h, 4, topk=k)
+        z = ebm.next_logits(model, h[:, None], 4, topk=k)
     s1_top = e.topk(k, -1, largest=False).indices
     finite = torch.isfinite(z)
     assert (finite.sum(-1) == k).all()
@@ -211,6 +211,6 @@ def test_next_logits_without_topk_is_system2(tiny_factory):
     h = torch.randn(5, 32, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
     with torch.no_grad():
         e = model.energies(h)
-        assert torch.allclose(ebm.next_logits(model, h, 3), ebm.system2_logits(model.config, e, 3)[-1])
-        assert torch.allclose(ebm.next_logits(model, h, 0), -e / model.config.softmax_temperature)
-        assert torch.allclose(F.softmax(ebm.next_logits(model, h, 0, topk=V), -1), F.softmax(-e, -1))
+        assert torch.allclose(ebm.next_logits(model, h[:, None], 3), ebm.system2_logits(model, None, e, 3)[-1])
+        assert torch.allclose(ebm.next_logits(model, h[:, None], 0), -e / model.config.softmax_temperature)
+        assert torch.allclose(F.softmax(ebm.next_logits(model, h[:, None], 0, topk=V), -1), F.softmax(-e, -1))
