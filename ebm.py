@@ -136,12 +136,13 @@ def think(z, energy, steps, lr, tau, max_move=math.inf, noise=0.0, truncate=Fals
     return zs
 
 
-def system2_logits(model, h, e, steps, caches=None, samples=1, training=False, topk=0):
+def system2_logits(model, h, e, steps, caches=None, samples=1, training=False, topk=0, z_start=None):
     """
     System 1 logits z_0 = -e / T, then `steps` think steps on the model's energy; returns [z_0, ..., z_K].
     training: Langevin noise, and (if configured) a random step size and truncated backprop.
     samples = M > 1 (self-verification): think from z_0 and M - 1 random starts, keep per position the
     candidate with the lowest free energy. topk: think over the System 1 top-k candidates only.
+    z_start (n, T, V): the first n rows start thinking there instead of at z_0 (replay buffer warm starts).
     """
     cfg = model.config
     z0 = -e / cfg.softmax_temperature
@@ -161,7 +162,9 @@ def system2_logits(model, h, e, steps, caches=None, samples=1, training=False, t
 
         zs = system2_logits_from(z0.gather(-1, ix), energy_k, steps, lr, cfg, noise, samples, training)
         return [torch.full_like(z0, -math.inf).scatter(-1, ix, z) for z in zs]
-    return system2_logits_from(z0, energy, steps, lr, cfg, noise, samples, training)
+    start = z0 if z_start is None else torch.cat([z_start.to(z0.dtype), z0[z_start.size(0):]])
+    zs = system2_logits_from(start, energy, steps, lr, cfg, noise, samples, training)
+    return [z0] + zs[1:]
 
 
 def system2_logits_from(z0, energy, steps, lr, cfg, noise, samples, training):
@@ -182,12 +185,42 @@ def system2_logits_from(z0, energy, steps, lr, cfg, noise, samples, training):
 
 
 class ChainState(nn.Module):
-    """Training state of the persistent chains: the PCD replay buffer and the fast-PCD fast weights."""
+    """
+    Training state that persists across steps (saved in ckpt.pt): the PCD chains, the fast-PCD fast weights,
+    and the replay buffer of windows with their last thinking output (EBT's replay buffer).
+    """
 
     def __init__(self, cfg):
         super().__init__()
         self.register_buffer("chains", torch.randn(cfg.n_persistent, cfg.vocab_size))  # (N, V) logits
         self.register_buffer("fast_weight", torch.zeros(cfg.vocab_size, cfg.n_embd))  # (V, d), added to W_E
+        R, T = cfg.replay_size, cfg.block_size
+        self.register_buffer("replay_x", torch.zeros(R, T, dtype=torch.long))  # (R, T) windows
+        self.register_buffer("replay_y", torch.zeros(R, T, dtype=torch.long))  # (R, T) their next tokens
+        self.register_buffer("replay_z", torch.zeros(R, T, cfg.vocab_size))  # (R, T, V) last thinking output
+        self.register_buffer("replay_count", torch.zeros((), dtype=torch.long))  # windows stored so far
+
+    def replay_draw(self, idx, targets, frac):
+        """Put stored windows in the first rows of the batch; returns idx, targets, their z starts, slots."""
+        n = min(int(frac * idx.size(0)), int(self.replay_count))
+        if n == 0:
+            return idx, targets, None, None
+        slots = torch.randint(min(int(self.replay_count), self.replay_x.size(0)), (n,), device=idx.device)
+        idx = torch.cat([self.replay_x[slots], idx[n:]])
+        targets = torch.cat([self.replay_y[slots], targets[n:]])
+        return idx, targets, self.replay_z[slots], slots
+
+    @torch.no_grad()
+    def replay_store(self, idx, targets, z, slots):
+        """Replayed windows keep their new thinking output; the fresh ones enter the ring buffer."""
+        n = 0 if slots is None else slots.numel()
+        if n:
+            self.replay_z[slots] = z[:n].to(self.replay_z.dtype)
+        R, fresh = self.replay_x.size(0), idx.size(0) - n
+        ring = (self.replay_count + torch.arange(fresh, device=idx.device)) % R
+        self.replay_x[ring], self.replay_y[ring] = idx[n:], targets[n:]
+        self.replay_z[ring] = z[n:].to(self.replay_z.dtype)
+        self.replay_count += fresh
 
 
 DATA_SMOOTHING = 0.1  # CD chains start at the data: p_0 = 0.9 * onehot(y) + 0.1 / V (one-hot has no gradient)
@@ -245,11 +278,17 @@ def losses(model, idx, targets, state=None, think_steps=None):
     K = cfg.think_steps if think_steps is None else think_steps
     if model.training and cfg.think_steps_random and K > 1:
         K = int(torch.randint(1, K + 1, ()))
+    replay = model.training and cfg.replay_size > 0 and K > 0
+    z_start = slots = None
+    if replay:  # some rows are windows seen before: their thinking resumes where it stopped
+        idx, targets, z_start, slots = state.replay_draw(idx, targets, cfg.replay_frac)
     caches = model.new_caches(idx.size(0)) if cfg.energy == "transformer" else None
     h = model(idx, caches)  # (B, T, d): the only pass over the observed tokens
     e = model.energies(h)  # (B, T, V)
     samples = 1 if model.training else cfg.think_samples
-    zs = system2_logits(model, h, e, K, caches, samples, training=model.training)
+    zs = system2_logits(model, h, e, K, caches, samples, training=model.training, z_start=z_start)
+    if replay:
+        state.replay_store(idx, targets, zs[-1].detach(), slots)
 
     def ce(z):
         return F.cross_entropy(z.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)

@@ -37,6 +37,8 @@ class ModelConfig:
     think_truncate: bool = False  # backprop through the last think step only (earlier steps are detached)
     think_samples: int = 1  # self-verification: M candidates per position, keep the lowest free energy
     ce_all_steps: bool = False  # cross-entropy averaged over z_1..z_K instead of z_K only
+    replay_size: int = 0  # replay buffer: windows whose thinking output is kept to warm-start them (0 = off)
+    replay_frac: float = 0.25  # fraction of each training batch drawn from the replay buffer
     aux_ce_weight: float = 0.1  # weight of the System 1 cross-entropy in the training loss
     mixture_hidden: int = 128  # width of g in the mixture energy
     mixture_stopgrad: bool = True  # mixture: treat p inside g as a constant when backpropagating

@@ -85,6 +85,8 @@ def check_config(cfg: RunConfig):
         problems.append(f"model.dropout={m.dropout} must be in [0, 1)")
     if m.entropy_weight < 0 or m.think_noise < 0 or m.langevin_step_size < 0 or m.langevin_noise_scale < 0:
         problems.append("model.entropy_weight, think_noise, langevin_step_size, langevin_noise_scale must be >= 0")
+    if m.replay_size < 0 or not 0 <= m.replay_frac <= 1:
+        problems.append("model.replay_size must be >= 0 and model.replay_frac in [0, 1]")
     if not 0 <= m.think_lr_jitter < 1:
         problems.append(f"model.think_lr_jitter={m.think_lr_jitter} must be in [0, 1)")
     if not 0 <= m.pcd_reinit_prob <= 1 or not 0 <= m.fast_weight_decay <= 1:
@@ -168,7 +170,7 @@ def setup(cfg: RunConfig):
     model = GPT(cfg.model).to(device)
     optimizer = model.configure_optimizers(cfg.train.weight_decay, cfg.train.learning_rate,
                                            (cfg.train.beta1, cfg.train.beta2), device_type, cfg.train.think_lr_lr_mult)
-    use_chains = cfg.model.use_contrastive and cfg.model.contrastive_type != "cd"
+    use_chains = (cfg.model.use_contrastive and cfg.model.contrastive_type != "cd") or cfg.model.replay_size > 0
     state = ChainState(cfg.model).to(device) if use_chains else None
     return device, data, model, optimizer, state
 
