@@ -180,8 +180,7 @@ def system2_logits_from(z0, energy, steps, lr, cfg, noise, samples, training):
 
 
 # ---------------------------------------------------------------------------------------------------
-# contrastive divergence: CD, PCD and fast PCD differ only in where the chains start and which weights
-# sample them
+# training state that persists across steps
 
 
 class ChainState(nn.Module):
@@ -198,14 +197,20 @@ class ChainState(nn.Module):
         self.register_buffer("replay_x", torch.zeros(R, T, dtype=torch.long))  # (R, T) windows
         self.register_buffer("replay_y", torch.zeros(R, T, dtype=torch.long))  # (R, T) their next tokens
         self.register_buffer("replay_z", torch.zeros(R, T, cfg.vocab_size))  # (R, T, V) last thinking output
-        self.register_buffer("replay_count", torch.zeros((), dtype=torch.long))  # windows stored so far
+        self.replay_count = 0  # windows stored so far (a Python int: reading it costs no device sync)
+
+    def get_extra_state(self):
+        return {"replay_count": self.replay_count}
+
+    def set_extra_state(self, state):
+        self.replay_count = state["replay_count"]
 
     def replay_draw(self, idx, targets, frac):
         """Put stored windows in the first rows of the batch; returns idx, targets, their z starts, slots."""
-        n = min(int(frac * idx.size(0)), int(self.replay_count))
+        n = min(int(frac * idx.size(0)), self.replay_count)
         if n == 0:
             return idx, targets, None, None
-        slots = torch.randint(min(int(self.replay_count), self.replay_x.size(0)), (n,), device=idx.device)
+        slots = torch.randint(min(self.replay_count, self.replay_x.size(0)), (n,), device=idx.device)
         idx = torch.cat([self.replay_x[slots], idx[n:]])
         targets = torch.cat([self.replay_y[slots], targets[n:]])
         return idx, targets, self.replay_z[slots], slots
@@ -222,6 +227,10 @@ class ChainState(nn.Module):
         self.replay_z[ring] = z[n:].to(self.replay_z.dtype)
         self.replay_count += fresh
 
+
+# ---------------------------------------------------------------------------------------------------
+# contrastive divergence: CD, PCD and fast PCD differ only in where the chains start and which weights
+# sample them
 
 DATA_SMOOTHING = 0.1  # CD chains start at the data: p_0 = 0.9 * onehot(y) + 0.1 / V (one-hot has no gradient)
 

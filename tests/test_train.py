@@ -26,7 +26,9 @@ def corpus(tmp_path_factory):
 
 
 def same_state(a, b):
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    """Equal keys, bit-equal tensors, equal plain data (e.g. a module's extra state)."""
+    return a.keys() == b.keys() and all(
+        torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -86,6 +88,7 @@ RESUME_MODES = {
     "plain": ["model.dropout=0.1", "model.think_noise=0.05"],  # dropout and think noise use the torch RNG
     "pcd": ["model.use_contrastive=true", "model.contrastive_type=pcd", "model.n_persistent=50"],
     "fast_pcd": ["model.use_contrastive=true", "model.contrastive_type=fast_pcd", "model.n_persistent=50"],
+    "replay": ["model.replay_size=6", "model.replay_frac=0.5", "model.n_persistent=50"],  # EBT replay buffer
 }
 
 
@@ -113,6 +116,8 @@ def test_resume_is_exact(mode, corpus, tmp_path, capsys):
     if mode != "plain":  # the replay buffer and fast weights continued too
         s_ck, r_ck = load_ckpt(tmp_path / "straight" / "ckpt.pt"), load_ckpt(tmp_path / "resumed" / "ckpt.pt")
         assert same_state(s_ck["chains"], r_ck["chains"])
+        if mode == "replay":  # windows were stored, and replayed windows were warm-started from them
+            assert r_ck["chains"]["_extra_state"]["replay_count"] > 6 and r_ck["chains"]["replay_z"].abs().sum() > 0
     rows_s, rows_r = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
     assert [r["step"] for r in rows_r] == [r["step"] for r in rows_s] == [2, 4, 6, 7]
     assert rows_r[-1]["val_loss"] == rows_s[-1]["val_loss"]
