@@ -59,7 +59,7 @@ def mixture_energy(model, h, e):
     """
     d = h.size(-1)
     W1, b1 = model.mix_fc.weight, model.mix_fc.bias  # (H, 2d), (H,)
-    w2, b2 = model.mix_proj.weight[0], model.mix_proj.bias[0]  # (H,), ()
+    w2 = model.mix_proj.weight[0]  # (H,)
     pre_h = F.linear(h, W1[:, :d], b1)  # (..., H): the context's part of fc, once per position
     M = model.transformer.wte.weight @ W1[:, d:].t()  # (V, H): fc of each token's embedding, once per batch
     beta = model.mix_beta
@@ -67,7 +67,7 @@ def mixture_energy(model, h, e):
     def energy(p):
         q = p.detach() if model.config.mixture_stopgrad else p
         pre = pre_h + q @ M  # (..., H) = fc([h, ybar(q)])
-        g = F.gelu(pre) @ w2 + b2  # (...)
+        g = F.gelu(pre) @ w2  # (...)
         dg_dp = (w2 * gelu_grad(pre)) @ M.t()  # (..., V) = W_emb dg/dybar
         return (p * e).sum(-1) + beta * g, e + beta * dg_dp
 

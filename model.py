@@ -192,7 +192,7 @@ class GPT(nn.Module):
             # g([h, ybar(p)]) -> scalar, and its weight beta. beta starts at 1 and g's output layer is small
             # but non-zero, so that g and beta both get gradients from the first step
             self.mix_fc = nn.Linear(2 * config.n_embd, config.mixture_hidden)
-            self.mix_proj = nn.Linear(config.mixture_hidden, 1)
+            self.mix_proj = nn.Linear(config.mixture_hidden, 1, bias=False)  # a bias would only shift E
             self.mix_beta = nn.Parameter(torch.ones(()))
         if config.energy == "transformer":
             # candidate slots: the expected embedding of the candidate + position + this marker; the energy

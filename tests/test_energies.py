@@ -1,4 +1,4 @@
-"""Tests of the candidate-conditioned energies (mixture, transformer/EBT) and the EBT think options (ebm.py, model.py)."""
+"""Tests of the candidate-conditioned energies (mixture, transformer/EBT) and the EBT think options."""
 
 import copy
 import math
@@ -109,7 +109,7 @@ def test_mixture_think_step_is_exact_gradient_step(tau):
 
 @pytest.mark.parametrize("stopgrad", [True, False])
 def test_mixture_gets_gradients_from_first_step(stopgrad):
-    """Fresh mixture model, one training loss backward (think_steps=2): mix_fc, mix_proj and mix_beta get non-zero grads."""
+    """Fresh mixture model, one training backward (think_steps=2): mix_fc, mix_proj and mix_beta get non-zero grads."""
     model = make_model(energy="mixture", mixture_stopgrad=stopgrad, think_steps=2).train()
     idx, targets = seq_batch(3, 16)
     _, loss = one_train_loss(model, idx, targets)
@@ -120,7 +120,7 @@ def test_mixture_gets_gradients_from_first_step(stopgrad):
         assert g.abs().max() > 1e-12, name
 
 
-@pytest.mark.parametrize("scale,min_rel_diff", [(0.0, 1e-10), (0.3, 1e-2)])
+@pytest.mark.parametrize("scale,min_rel_diff", [(0.0, 1e-10), (0.3, 1e-3)])
 def test_mixture_stopgrad_changes_the_gradient(scale, min_rel_diff):
     """stopgrad cuts the path through p inside g: same forward values, different mixture-parameter gradients."""
     idx, targets = seq_batch(3, 16)
@@ -150,14 +150,14 @@ def set_argmax_changing_mixture(model, favoured, beta=20.0):
         model.mix_fc.bias[0] = 10.0  # deep in GELU's linear part: gelu'(pre) ~ 1
         model.mix_proj.weight.zero_()
         model.mix_proj.weight[0, 0] = -1.0
-        model.mix_proj.bias.zero_()
         model.mix_beta.fill_(beta)
 
 
 def test_mixture_thinking_can_change_the_argmax():
-    """A mixture energy whose g favours token 7 moves argmax z_K away from argmax z_0; the linear energy with the same e cannot."""
+    """A mixture energy whose g favours token 7 changes argmax z_K vs z_0; a linear energy with the same e cannot."""
     favoured = 7
-    cfg = dict(mixture_hidden=4, entropy_weight=0.0, think_lr=0.5, think_max_move=math.inf, softmax_temperature=1.0)
+    cfg = {"mixture_hidden": 4, "entropy_weight": 0.0, "think_lr": 0.5, "think_max_move": math.inf,
+           "softmax_temperature": 1.0}
     mix = make_model(energy="mixture", **cfg).eval()
     set_argmax_changing_mixture(mix, favoured)
     lin = make_model(energy="linear", **cfg).eval()
@@ -201,7 +201,7 @@ def reference_transformer_energy(model, idx, p):
     E (B, T) recomputed from scratch over the doubled sequence [observed | candidates] with a (2T x 2T) mask:
     observed i sees observed 0..i; candidate slot t sees observed 0..t and itself.
     """
-    B, T = idx.shape
+    T = idx.size(1)
     tr = model.transformer
     pos = torch.arange(T)
     obs = tr.wte(idx) + tr.wpe(pos)
@@ -224,7 +224,7 @@ def transformer_model(seed=0, scale=0.15, **overrides):
 
 
 def test_transformer_energy_reuse_equals_recompute():
-    """Energies, dE/dp and parameter gradients from the reused observed keys/values equal a from-scratch [obs | cand] pass."""
+    """E, dE/dp and parameter gradients from the reused observed keys/values equal a from-scratch [obs | cand] pass."""
     model = transformer_model()
     idx, _ = seq_batch(2, 16, seed=1)
     p = rand_p(2, 16, V, seed=2).requires_grad_(True)
@@ -290,7 +290,7 @@ def test_transformer_energy_has_no_leak():
 
 
 def test_transformer_training_double_backward():
-    """transformer, train mode, think_steps=2: losses + total_loss backward gives finite non-zero grads everywhere it should."""
+    """transformer, training, think_steps=2: the training loss backward gives finite non-zero grads where it should."""
     model = transformer_model(think_steps=2, think_max_move=math.inf).train()
     idx, targets = seq_batch(2, 16, seed=8)
     _, loss = one_train_loss(model, idx, targets)
@@ -331,7 +331,7 @@ def test_transformer_thinking_loss_gradient_matches_finite_difference(param, ind
 
 
 def test_transformer_candidates_do_not_use_fused_sdpa(monkeypatch):
-    """candidate_energy and its double backward never call F.scaled_dot_product_attention (no double backward on CUDA)."""
+    """candidate_energy and its double backward never call scaled_dot_product_attention (no double backward on CUDA)."""
     model = transformer_model(think_steps=2).train()
     idx, targets = seq_batch(2, 16, seed=10)
     h, caches = filled_caches(model, idx)  # the observed stream may use SDPA: it is differentiated once only
@@ -349,17 +349,26 @@ def test_transformer_candidates_do_not_use_fused_sdpa(monkeypatch):
     assert model.energy_readout.weight.grad.abs().max() > 0 and model.cand_marker.grad.abs().max() > 0
 
 
-def test_transformer_generate_cache_equals_no_cache():
-    """energy=transformer: greedy generation with the KV cache gives the same tokens as without it (within block_size)."""
+@pytest.mark.parametrize("samples", [1, 3])
+def test_transformer_generate_cache_equals_no_cache(samples):
+    """energy=transformer: greedy generation with the KV cache gives the same tokens as without it (within a block)."""
     model = transformer_model(seed=3, scale=0.3, think_steps=3).eval()
     prompt = torch.tensor([[1, 4, 2], [7, 7, 0]])
-    a = ebm.generate(model, prompt, 12, think_steps=3, use_cache=True)
-    b = ebm.generate(model, prompt, 12, think_steps=3, use_cache=False)
-    assert a.shape == (2, 15)
+    torch.manual_seed(0)  # self-verification draws its random starts in the same order either way
+    a = ebm.generate(model, prompt, 12, think_steps=3, use_cache=True, samples=samples)
+    torch.manual_seed(0)
+    b = ebm.generate(model, prompt, 12, think_steps=3, use_cache=False, samples=samples)
+    assert a.shape == (2, 15) and torch.equal(a[:, :3], prompt)
     assert torch.equal(a, b)
     # thinking matters here: System 1 alone picks other tokens somewhere, so the comparison covers the energy path
     c = ebm.generate(model, prompt, 12, think_steps=0, use_cache=True)
     assert not torch.equal(a, c)
+    if samples == 1:  # and each token is the argmax of thinking over its full prefix, recomputed from scratch
+        for i in range(3, 15):
+            with torch.no_grad():
+                h, caches = filled_caches(model, a[:, :i])
+                z = ebm.system2_logits(model, h[:, -1:], model.energies(h[:, -1:]), 3, caches)[-1][:, -1]
+            assert torch.equal(z.argmax(-1), a[:, i])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -488,7 +497,7 @@ def test_think_steps_random_changes_the_number_of_outputs(monkeypatch):
 
 @pytest.mark.parametrize("learnable", [False, True])
 def test_think_lr_jitter_varies_the_step_size(monkeypatch, learnable):
-    """think_lr_jitter = j: in training the step size passed to think varies within [lr (1-j), lr (1+j)]; eval uses lr."""
+    """think_lr_jitter = j: in training the step size passed to think varies in [lr (1-j), lr (1+j)]; eval uses lr."""
     lr, j = 0.5, 0.3
     model = make_model(think_lr=lr, think_lr_jitter=j, think_lr_learnable=learnable).train()
     idx, targets = seq_batch(2, 4)
@@ -510,7 +519,7 @@ def test_think_lr_jitter_varies_the_step_size(monkeypatch, learnable):
 
 @pytest.mark.parametrize("energy", ["linear", "mixture", "transformer"])
 def test_think_noise_random_in_training_deterministic_in_eval(energy):
-    """think_noise > 0: training-mode outputs differ between calls, eval-mode outputs do not (and noise 0 is deterministic)."""
+    """think_noise > 0: training outputs differ between calls, eval outputs do not (and noise 0 is deterministic)."""
     idx, targets = seq_batch(2, 8)
     model = make_model(energy=energy, think_noise=0.1, think_steps=2)
     with torch.no_grad():
@@ -528,7 +537,7 @@ def test_think_noise_random_in_training_deterministic_in_eval(energy):
 
 @pytest.mark.parametrize("energy", ["linear", "mixture", "transformer"])
 def test_ce_all_steps_is_mean_of_step_ces(energy, monkeypatch):
-    """ce_all_steps: terms['ce_steps'] is the mean of CE(z_1..z_K) per position, and total_loss uses it instead of ce."""
+    """ce_all_steps: terms['ce_steps'] is the per-position mean of CE(z_1..z_K); total_loss uses it instead of ce."""
     model = perturb(make_model(energy=energy, think_steps=3, ce_all_steps=True, think_lr=2.0), 0.1).train()
     idx, targets = seq_batch(2, 8)
     recorded = []
@@ -561,9 +570,9 @@ def test_ce_all_steps_is_mean_of_step_ces(energy, monkeypatch):
 
 @pytest.mark.parametrize("energy", ["linear", "mixture", "transformer"])
 def test_think_truncate_equals_manual_detach(energy):
-    """think_truncate: the training gradient equals that of detaching z before the last step, and differs from full backprop."""
+    """think_truncate: the gradient equals that of detaching z before the last step, and differs from full backprop."""
     K = 3
-    kw = dict(energy=energy, think_steps=K, think_max_move=math.inf, think_lr=2.0, mixture_stopgrad=False)
+    kw = {"energy": energy, "think_steps": K, "think_max_move": math.inf, "think_lr": 2.0, "mixture_stopgrad": False}
     model = perturb(make_model(think_truncate=True, **kw), 0.1).train()
     params = list(model.parameters())
     idx, targets = seq_batch(2, 8)
@@ -599,7 +608,7 @@ def test_think_truncate_equals_manual_detach(energy):
 
 
 def test_self_verification_linear_all_candidates_converge_alike(monkeypatch):
-    """Linear energy, tau > 0, long thinking: every one of the M starts reaches softmax(-e/tau); samples=M equals samples=1."""
+    """Linear energy, tau > 0, long thinking: all M starts reach softmax(-e/tau); samples=M equals samples=1."""
     tau, M = 2.0, 5
     model = make_model(entropy_weight=tau, think_lr=0.5, think_max_move=math.inf, softmax_temperature=0.7).eval()
     e = rand(2, 4, V, seed=1)
@@ -620,7 +629,7 @@ def test_self_verification_linear_all_candidates_converge_alike(monkeypatch):
 
 @pytest.mark.parametrize("energy", ["mixture", "transformer"])
 def test_self_verification_never_worse_than_system1_start(energy, monkeypatch):
-    """samples=M keeps per position the lowest free energy among M candidates, so it is <= the z_0 start's (samples=1)."""
+    """samples=M keeps per position the lowest free energy of M candidates, so it is <= the z_0 start's (samples=1)."""
     tau, K, M = 0.1, 3, 6
     model = perturb(make_model(energy=energy, entropy_weight=tau, think_steps=K, think_lr=1.0, think_samples=M,
                                mixture_stopgrad=False), 0.1).eval()
@@ -657,8 +666,8 @@ def test_self_verification_never_worse_than_system1_start(energy, monkeypatch):
 # 5. no leak from future tokens in every mode
 
 
-LEAK_MODES = {"plain": dict(use_contrastive=False), "cd": dict(use_contrastive=True, contrastive_type="cd"),
-              "pcd": dict(use_contrastive=True, contrastive_type="pcd")}
+LEAK_MODES = {"plain": {"use_contrastive": False}, "cd": {"use_contrastive": True, "contrastive_type": "cd"},
+              "pcd": {"use_contrastive": True, "contrastive_type": "pcd"}}
 
 
 @pytest.mark.parametrize("mode", list(LEAK_MODES))
@@ -674,22 +683,30 @@ def test_no_leak_from_future_tokens(energy, mode):
     g = torch.Generator().manual_seed(7)
     seq = torch.randint(V, (B, T + 1), generator=g)
 
-    def run(s, training):
+    def run(idx, targets, training):
         model.train(training)
         torch.manual_seed(123)
         with torch.no_grad():
-            return ebm.losses(model, s[:, :-1], s[:, 1:], copy.deepcopy(state0))
+            return ebm.losses(model, idx, targets, copy.deepcopy(state0))
+
+    def changed(x, start):
+        x2 = x.clone()
+        x2[:, start:] = (x[:, start:] + 1 + torch.randint(V - 1, x[:, start:].shape, generator=g)) % V
+        return x2
 
     expected = {"ce", "ce_s1", "ce_steps"} | ({"cd"} if LEAK_MODES[mode]["use_contrastive"] else set())
     for t in (0, 4, 9):
-        seq2 = seq.clone()
-        seq2[:, t + 2:] = (seq[:, t + 2:] + 1 + torch.randint(V - 1, seq[:, t + 2:].shape, generator=g)) % V
+        seq2 = changed(seq, t + 2)  # a consistent sequence: x_{t+2}, ... differ (targets of t+1, ...)
+        # and the inputs from x_{t+1} on differ while the targets stay: position t must not see its own target
+        idx3 = changed(seq[:, :-1], t + 1)
         for training in (True, False):
-            a, b = run(seq, training), run(seq2, training)
+            a = run(seq[:, :-1], seq[:, 1:], training)
             assert set(a) == (expected if training else {"ce", "ce_s1"})
-            for name in a:
-                assert torch.allclose(a[name][:, : t + 1], b[name][:, : t + 1], rtol=0, atol=1e-12), (name, training)
-                assert not torch.allclose(a[name][:, t + 1:], b[name][:, t + 1:]), (name, training)
+            for b in (run(seq2[:, :-1], seq2[:, 1:], training), run(idx3, seq[:, 1:], training)):
+                for name in a:
+                    same = torch.allclose(a[name][:, : t + 1], b[name][:, : t + 1], rtol=0, atol=1e-12)
+                    assert same, (name, training)
+                    assert not torch.allclose(a[name][:, t + 1:], b[name][:, t + 1:]), (name, training)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -706,7 +723,7 @@ def random_text(tmp_path_factory):
 @pytest.mark.parametrize("contrastive", [False, True])
 @pytest.mark.parametrize("energy", ["mixture", "transformer"])
 def test_no_leak_on_random_text(energy, contrastive, random_text, tmp_path):
-    """200 steps on uniform random text keep val loss (S1 and S2) >= ln(V) - 0.05 for the mixture and transformer energies."""
+    """200 steps on uniform random text keep val losses (S1, S2) >= ln(V) - 0.05 for mixture and transformer."""
     batch = 4 if energy == "transformer" else 8
     extra = ["model.use_contrastive=true", "model.contrastive_type=cd"] if contrastive else []
     run_train(TINY_MODEL + extra + [
