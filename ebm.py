@@ -2,10 +2,13 @@
 Energy-based next-token prediction, read top to bottom:
 
 1. energies:  the GPT gives h_t from x_1..x_t; the energy of candidate token v for x_{t+1} is e_t[v].
+              Thinking descends an energy E(x, p) of a relaxed candidate p: linear <p, e_t>, mixture, or
+              transformer (EBT), each returning E and its energy vector dE/dp.
 2. System 1:  one pass, logits z_0 = -e_t / T.
-3. System 2:  "thinking" = K gradient steps on the free energy F of a relaxed candidate p = softmax(z).
+3. System 2:  "thinking" = K gradient steps on the free energy F of p = softmax(z); self-verification.
 4. losses:    cross-entropy on the thinking output (autograd runs through the K steps), an auxiliary
-              System 1 cross-entropy, and contrastive divergence (CD, PCD, fast PCD).
+              System 1 cross-entropy, and contrastive divergence (CD, PCD, fast PCD); the state that
+              persists across steps (PCD chains, fast weights, replay buffer).
 5. generate:  next-token prediction with a KV cache, thinking at every new token.
 
 Position t predicts x_{t+1} and never sees it: everything here is per position.
