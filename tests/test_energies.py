@@ -10,7 +10,7 @@ from torch.nn import functional as F
 import ebm
 import train as train_mod
 from conftest import make_model
-from helpers import TINY_MODEL, read_metrics, run_train, write_corpus
+from helpers import TINY_MODEL, run_train, write_corpus
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -709,31 +709,4 @@ def test_no_leak_from_future_tokens(energy, mode):
                     assert not torch.allclose(a[name][:, t + 1:], b[name][:, t + 1:]), (name, training)
 
 
-# ---------------------------------------------------------------------------------------------------
-# 6. random text: nothing can beat ln(V), whatever the energy
-
-
-@pytest.fixture(scope="module")
-def random_text(tmp_path_factory):
-    """20k characters drawn uniformly and independently from 20 letters."""
-    return write_corpus(tmp_path_factory.mktemp("random") / "random.txt", n_chars=20_000,
-                        alphabet="abcdefghijklmnopqrst", seed=1)
-
-
-@pytest.mark.parametrize("contrastive", [False, True])
-@pytest.mark.parametrize("energy", ["mixture", "transformer"])
-def test_no_leak_on_random_text(energy, contrastive, random_text, tmp_path):
-    """200 steps on uniform random text keep val losses (S1, S2) >= ln(V) - 0.05 for mixture and transformer."""
-    batch = 4 if energy == "transformer" else 8
-    extra = ["model.use_contrastive=true", "model.contrastive_type=cd"] if contrastive else []
-    run_train(TINY_MODEL + extra + [
-        f"model.energy={energy}", "model.mixture_hidden=32", "model.mixture_stopgrad=false",
-        f"data.data_path={random_text}", "data.block_size=16", f"data.batch_size={batch}", "model.think_steps=2",
-        "train.max_steps=200", "train.eval_interval=50", "train.eval_iters=8", "train.learning_rate=1e-2",
-        "train.warmup_steps=10", "train.log_interval=50", f"out_dir={tmp_path}"])
-    rows = read_metrics(tmp_path)
-    assert [r["step"] for r in rows] == [50, 100, 150, 200]
-    floor = math.log(20) - 0.05
-    for r in rows:
-        assert r["val_loss"] >= floor and r["val_loss_s1"] >= floor, r
-        assert r["train_loss"] >= floor - 0.15, r  # train batches are random too (small batches: noisier)
+# 6. random text for these energies: tests/test_train.py::test_no_leak_on_random_text covers them too

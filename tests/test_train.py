@@ -140,6 +140,10 @@ LEAK_MODES = {
     "cd": ["model.use_contrastive=true", "model.contrastive_type=cd"],
     "pcd": ["model.use_contrastive=true", "model.contrastive_type=pcd"],
     "fast_pcd": ["model.use_contrastive=true", "model.contrastive_type=fast_pcd"],
+    "mixture": ["model.energy=mixture", "model.mixture_hidden=32", "model.mixture_stopgrad=false"],
+    "mixture_cd": ["model.energy=mixture", "model.mixture_hidden=32", "model.use_contrastive=true"],
+    "transformer": ["model.energy=transformer", "data.batch_size=4"],  # slower: a smaller batch
+    "transformer_cd": ["model.energy=transformer", "data.batch_size=4", "model.use_contrastive=true"],
 }
 
 
@@ -152,9 +156,9 @@ def random_text(tmp_path_factory):
 
 @pytest.mark.parametrize("mode", list(LEAK_MODES))
 def test_no_leak_on_random_text(mode, random_text, tmp_path, capsys):
-    """200 steps on uniform random text keep every val loss (S1 and S2) >= ln(V) - 0.05: no position sees its target."""
-    run_train(TINY_MODEL + LEAK_MODES[mode] + [
-        f"data.data_path={random_text}", "data.block_size=16", "data.batch_size=8", "model.think_steps=2",
+    """200 steps on random text keep every val loss (S1, S2) >= ln(V) - 0.05 in every loss mode and energy."""
+    run_train(TINY_MODEL + ["data.batch_size=8"] + LEAK_MODES[mode] + [
+        f"data.data_path={random_text}", "data.block_size=16", "model.think_steps=2",
         "train.max_steps=200", "train.eval_interval=50", "train.eval_iters=8", "train.learning_rate=1e-2",
         "train.warmup_steps=10", "train.log_interval=50", f"out_dir={tmp_path}"])
     rows = read_metrics(tmp_path)
@@ -162,7 +166,7 @@ def test_no_leak_on_random_text(mode, random_text, tmp_path, capsys):
     floor = math.log(20) - 0.05
     for r in rows:
         assert r["val_loss"] >= floor and r["val_loss_s1"] >= floor, r
-        assert r["train_loss"] >= floor - 0.1, r  # train batches are random too (a little noisier)
+        assert r["train_loss"] >= floor - 0.15, r  # train batches are random too (small batches: noisier)
 
 
 # ---------------------------------------------------------------------------------------------------
