@@ -40,6 +40,7 @@ class ModelConfig:
     replay_size: int = 0  # replay buffer: windows whose thinking output is kept to warm-start them (0 = off)
     replay_frac: float = 0.25  # fraction of each training batch drawn from the replay buffer
     aux_ce_weight: float = 0.1  # weight of the System 1 cross-entropy in the training loss
+    energy_layers: int = 1  # transformer energy: candidate slots run through the top n blocks (0 = all)
     mixture_hidden: int = 128  # width of g in the mixture energy
     mixture_stopgrad: bool = True  # mixture: treat p inside g as a constant when backpropagating
     # contrastive divergence (ebm.py: contrastive_loss)
@@ -241,11 +242,14 @@ class GPT(nn.Module):
         """
         Transformer energy: scalar energies (..., Tc) of candidate embeddings cand (..., Tc, d) for the last Tc
         positions of the observed stream held in caches (its per-layer keys/values, computed once).
+        With energy_layers = n > 0 the slots enter at the top n blocks only: each think step then costs
+        n blocks instead of all of them.
         """
         Tc, L = cand.size(-2), caches[0].length
         pos = torch.arange(L - Tc, L, device=cand.device)
         c = cand + self.transformer.wpe(pos) + self.cand_marker
-        for block, cache in zip(self.transformer.h, caches):
+        first = self.config.n_layer - (self.config.energy_layers or self.config.n_layer)
+        for block, cache in zip(self.transformer.h[first:], caches[first:]):
             c = block.candidates(c, cache)
         return self.energy_readout(self.transformer.ln_f(c)).squeeze(-1)
 

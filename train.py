@@ -85,6 +85,8 @@ def check_config(cfg: RunConfig):
         problems.append(f"model.dropout={m.dropout} must be in [0, 1)")
     if m.entropy_weight < 0 or m.think_noise < 0 or m.langevin_step_size < 0 or m.langevin_noise_scale < 0:
         problems.append("model.entropy_weight, think_noise, langevin_step_size, langevin_noise_scale must be >= 0")
+    if not 0 <= m.energy_layers <= m.n_layer:
+        problems.append(f"model.energy_layers={m.energy_layers} must be in 0..model.n_layer (0 = all blocks)")
     if m.replay_size < 0 or not 0 <= m.replay_frac <= 1:
         problems.append("model.replay_size must be >= 0 and model.replay_frac in [0, 1]")
     if not 0 <= m.think_lr_jitter < 1:

@@ -205,6 +205,9 @@ def reference_transformer_energy(model, idx, p):
     tr = model.transformer
     pos = torch.arange(T)
     obs = tr.wte(idx) + tr.wpe(pos)
+    first = len(tr.h) - (model.config.energy_layers or len(tr.h))
+    for block in tr.h[:first]:  # energy_layers: the candidate slots join at the top blocks only
+        obs = block(obs)
     cand = p @ tr.wte.weight + tr.wpe(pos) + model.cand_marker
     x = torch.cat([obs, cand], dim=1)  # (B, 2T, d)
     causal = torch.ones(T, T, dtype=torch.bool).tril()
@@ -212,7 +215,7 @@ def reference_transformer_energy(model, idx, p):
     mask[:T, :T] = causal
     mask[T:, :T] = causal
     mask[T:, T:] = torch.eye(T, dtype=torch.bool)
-    for block in tr.h:
+    for block in tr.h[first:]:
         x = x + reference_attention(block.attn, block.ln_1(x), mask)
         x = x + block.mlp(block.ln_2(x))
     return model.energy_readout(tr.ln_f(x[:, T:])).squeeze(-1)
@@ -223,9 +226,10 @@ def transformer_model(seed=0, scale=0.15, **overrides):
     return perturb(make_model(seed=seed, energy="transformer", **overrides), scale, seed=seed)
 
 
-def test_transformer_energy_reuse_equals_recompute():
+@pytest.mark.parametrize("energy_layers", [0, 1])
+def test_transformer_energy_reuse_equals_recompute(energy_layers):
     """E, dE/dp and parameter gradients from the reused observed keys/values equal a from-scratch [obs | cand] pass."""
-    model = transformer_model()
+    model = transformer_model(energy_layers=energy_layers)
     idx, _ = seq_batch(2, 16, seed=1)
     p = rand_p(2, 16, V, seed=2).requires_grad_(True)
     params = list(model.parameters())
@@ -710,3 +714,31 @@ def test_no_leak_from_future_tokens(energy, mode):
 
 
 # 6. random text for these energies: tests/test_train.py::test_no_leak_on_random_text covers them too
+
+
+def test_replay_buffer_warm_starts_the_same_windows(monkeypatch):
+    """model.replay_size: stored windows come back with their targets, and thinking resumes from their stored z_K."""
+    model = make_model(think_steps=2, replay_size=4, replay_frac=0.5).train()
+    state = ebm.ChainState(model.config).to(torch.float64)
+    starts, draws = [], []
+    real_think, real_draw = ebm.think, state.replay_draw
+    monkeypatch.setattr(ebm, "think", lambda z, *a, **k: starts.append(z.detach().clone()) or real_think(z, *a, **k))
+    monkeypatch.setattr(state, "replay_draw", lambda *a: draws.append(real_draw(*a)) or draws[-1])
+    idx1, tgt1 = seq_batch(4, 16, seed=20)
+    ebm.losses(model, idx1, tgt1, state)  # empty buffer: nothing replayed, all 4 windows stored
+    assert draws[-1][3] is None
+    assert state.replay_count == 4 and torch.equal(state.replay_x, idx1) and torch.equal(state.replay_y, tgt1)
+    stored = state.replay_z.clone()
+    assert stored.abs().sum() > 0
+
+    idx2, tgt2 = seq_batch(4, 16, seed=21)
+    ebm.losses(model, idx2, tgt2, state)  # half the batch (2 rows) is replayed
+    idx_used, tgt_used, z_used, slots = draws[-1]
+    assert slots.numel() == 2
+    assert torch.equal(idx_used[:2], idx1[slots]) and torch.equal(tgt_used[:2], tgt1[slots])
+    assert torch.equal(idx_used[2:], idx2[2:])
+    assert torch.equal(starts[-1][:2], stored[slots])  # warm start: where their thinking stopped
+    with torch.no_grad():
+        e2 = model.energies(model(idx2))
+    assert torch.allclose(starts[-1][2:], -e2[2:] / model.config.softmax_temperature)  # fresh rows: System 1
+    assert state.replay_count == 6
