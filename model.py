@@ -100,7 +100,6 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
         return self.resid_dropout(self.c_proj(y))
 
-
     def candidates(self, x, cache):
         """
         Attention of candidate slots x (..., Tc, C) for the last Tc positions of the cached observed stream:
@@ -260,12 +259,11 @@ class GPT(nn.Module):
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, think_lr_lr_mult=1.0):
         # every 2D tensor (matmuls, embeddings) decays; biases, norms and scalars do not; a learned step
         # size has its own group whose learning rate is think_lr_lr_mult times the others'
-        step_size = [self.think_log_lr] if self.config.think_lr_learnable else []
-        params = [p for p in self.parameters() if p.requires_grad and all(p is not q for q in step_size)]
+        params = [p for n, p in self.named_parameters() if p.requires_grad and n != "think_log_lr"]
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        if step_size:
-            groups.append({"params": step_size, "weight_decay": 0.0, "lr_mult": think_lr_lr_mult})
+        if self.config.think_lr_learnable:
+            groups.append({"params": [self.think_log_lr], "weight_decay": 0.0, "lr_mult": think_lr_lr_mult})
         fused = device_type == "cuda"  # the fused AdamW kernel exists for CUDA tensors only
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
