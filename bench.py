@@ -1,18 +1,26 @@
 """
-What thinking costs, measured side by side: `uv run bench.py [train overrides]`.
+What thinking costs, measured side by side: `uv run bench.py [train overrides] [bench.* options]`.
 
-Training tokens/s at think_steps 0 and K on the same model, interleaved (0, K, 0, K, ...) so that a noisy
-machine slows both alike; the median of `bench.repeats` timed windows of `bench.steps` steps each.
-Then generation tokens/s with the KV cache, System 1 and System 2, and without the cache.
-Prints a table and writes bench.json (in out_dir).
+1. Training tokens/s and ms/step at think_steps 0 and K for each energy in bench.energies, interleaved
+   (0, K, 0, K, ...) so that a noisy machine slows both alike; the median of bench.repeats windows.
+2. Model FLOPs utilisation: the achieved FLOP/s of training at think_steps 0 (the configured energy) as a
+   fraction of a matmul peak measured here, on the same machine, a moment before.
+3. Generation tokens/s (greedy, batch 1) with and without the KV cache, System 1 and thinking with
+   bench.gen_think_steps, eager and (bench.compile) compiled.
+4. Peak memory: the process's peak resident set on CPU, peak allocated memory per setting on CUDA.
+bench.profile=true prints where the time of a training step goes (torch.profiler, by operator).
+Prints tables and writes bench.json (in out_dir).
 """
 
+import copy
 import json
+import resource
 import statistics
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import List
 
 import hydra
 import torch
@@ -20,16 +28,20 @@ from hydra.core.config_store import ConfigStore
 
 from ebm import generate
 from train import RunConfig, setup, train_step
-from util import check_overrides, run
+from util import UserError, check_overrides, run
 
 
 @dataclass
 class BenchConfig:
-    think_steps: int = 2  # compared with think_steps 0
+    think_steps: int = 2  # training: compared with think_steps 0
+    energies: List[str] = field(default_factory=lambda: ["linear", "mixture", "transformer"])
     steps: int = 10  # training steps per timed window
     repeats: int = 5  # timed windows per setting; the median is reported
     warmup: int = 5  # untimed steps first (allocator, caches)
+    gen_think_steps: int = 4  # generation: thinking with this many steps, next to System 1
     gen_tokens: int = 256  # tokens per generation measurement
+    compile: bool = True  # also time compiled generation (compiling takes a while, once)
+    profile: bool = False  # print a torch.profiler table of training steps at think_steps 0
 
 
 @dataclass
@@ -47,9 +59,51 @@ def sync(device):
         torch.mps.synchronize()
 
 
-def bench(cfg: BenchRun):
-    b = cfg.bench
+def peak_memory_mb(device):
+    """Peak allocated memory since the last reset on CUDA; the process's peak resident set elsewhere."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
+
+
+def timed(fn, repeats):
+    """Median seconds of fn() over repeats calls."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_peak(device, n=1024, repeats=10):
+    """FLOP/s of an n x n x n float32 matmul: the machine's practical peak for dense math."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    for _ in range(3):
+        a @ b
+
+    def mm():
+        a @ b
+        sync(device)
+
+    return 2 * n**3 / timed(mm, repeats)
+
+
+def train_flops_per_token(model, T):
+    """Forward + backward FLOPs per token, as nanoGPT's estimate: 6 per weight of every matmul (embedding
+    lookups are not matmuls) plus 12 * n_layer * n_embd * T for attention's two T x T products."""
+    c = model.config
+    embeddings = model.transformer.wte.weight.numel() + model.transformer.wpe.weight.numel()
+    return 6 * (model.num_params() - embeddings) + 12 * c.n_layer * c.n_embd * T
+
+
+def bench_training(cfg, energy, b):
+    """tokens/s and ms/step at think_steps 0 and b.think_steps for one energy, interleaved."""
+    cfg = copy.deepcopy(cfg)
+    cfg.model.energy = energy
     device, data, model, optimizer, state = setup(cfg)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
     gen = torch.Generator().manual_seed(cfg.train.seed)
     batches = [data.batch("train", cfg.data.batch_size, gen, device) for _ in range(b.steps)]
     tokens = b.steps * cfg.data.batch_size * cfg.data.block_size
@@ -70,44 +124,103 @@ def bench(cfg: BenchRun):
     for _ in range(b.repeats):
         for k in settings:
             times[k].append(window(k, b.steps))
-    result = {"device": device, "params": model.num_params(), "threads": torch.get_num_threads(),
-              "batch_size": cfg.data.batch_size, "block_size": cfg.data.block_size, "train": {}, "generate": {}}
+    out = {}
     for k in settings:
         med = statistics.median(times[k])
-        result["train"][f"think_steps={k}"] = {"tokens_per_s": tokens / med, "ms_per_step": 1000 * med / b.steps,
-                                               "runs_s": times[k]}
-    ratio = result["train"][f"think_steps={b.think_steps}"]["tokens_per_s"] / result["train"]["think_steps=0"]["tokens_per_s"]
-    result["train"]["ratio"] = ratio
+        out[f"think_steps={k}"] = {"tokens_per_s": tokens / med, "ms_per_step": 1000 * med / b.steps, "runs_s": times[k]}
+    out["ratio"] = out[f"think_steps={b.think_steps}"]["tokens_per_s"] / out["think_steps=0"]["tokens_per_s"]
+    out["peak_memory_mb"] = peak_memory_mb(device)
+    return out, (device, data, model, optimizer, state, batches)
 
+
+def profile_training(model, optimizer, state, cfg, batches, steps=5):
+    """Where a training step's time goes, by operator (torch.profiler), at think_steps 0."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for i in range(steps):
+            x, y = batches[i % len(batches)]
+            train_step(model, optimizer, x, y, state, cfg, think_steps=0)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
+
+
+def bench_generation(model, data, cfg, b, device):
+    """Greedy batch-1 tokens/s: System 1 and thinking, with and without the KV cache, eager and compiled."""
     model.eval()
     prompt = data.splits["val"][: cfg.data.block_size // 2].view(1, -1).to(device)
-    for name, k, cache in (("S1 cached", 0, True), (f"S2 K={cfg.model.think_steps} cached", cfg.model.think_steps, True),
-                           (f"S2 K={cfg.model.think_steps} uncached", cfg.model.think_steps, False)):
-        generate(model, prompt, 8, k, use_cache=cache)  # warm-up
-        runs = []
-        for _ in range(3):
-            sync(device)
-            t0 = time.perf_counter()
-            generate(model, prompt, b.gen_tokens, k, use_cache=cache)
-            sync(device)
-            runs.append(time.perf_counter() - t0)
-        result["generate"][name] = {"tokens_per_s": b.gen_tokens / statistics.median(runs)}
+    K = b.gen_think_steps
+    rows = [("S1 cached", 0, True, False), (f"S2 K={K} cached", K, True, False),
+            ("S1 uncached", 0, False, False), (f"S2 K={K} uncached", K, False, False)]
+    if b.compile:
+        rows += [("S1 cached compiled", 0, True, True), (f"S2 K={K} cached compiled", K, True, True)]
+    out = {}
+    for name, k, cache, compiled in rows:
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        generate(model, prompt, 8, k, use_cache=cache, compile=compiled)  # warm-up (and compiling)
+        warmup_s = time.perf_counter() - t0
 
-    print(f"device {device}, {torch.get_num_threads()} threads, {model.num_params() / 1e6:.2f}M parameters, "
-          f"batch {cfg.data.batch_size} x block {cfg.data.block_size}, median of {b.repeats} x {b.steps} steps")
-    print("| training | tokens/s | ms/step |\n|---|---|---|")
-    for k in settings:
-        r = result["train"][f"think_steps={k}"]
-        print(f"| think_steps={k} | {r['tokens_per_s']:.0f} | {r['ms_per_step']:.1f} |")
-    print(f"throughput ratio think_steps={b.think_steps} / think_steps=0: {ratio:.3f}")
-    print("| generation (greedy, batch 1) | tokens/s |\n|---|---|")
-    for name, r in result["generate"].items():
-        print(f"| {name} | {r['tokens_per_s']:.0f} |")
+        def gen():
+            generate(model, prompt, b.gen_tokens, k, use_cache=cache, compile=compiled)
+            sync(device)
+
+        out[name] = {"tokens_per_s": b.gen_tokens / timed(gen, 3), "warmup_s": warmup_s,
+                     "peak_memory_mb": peak_memory_mb(device)}
+    return out
+
+
+def bench(cfg: BenchRun):
+    b = cfg.bench
+    if min(b.steps, b.repeats, b.gen_tokens) < 1 or b.warmup < 0 or b.think_steps < 0 or b.gen_think_steps < 0:
+        raise UserError("bench.steps, repeats and gen_tokens must be >= 1; warmup and the think steps >= 0")
+    energies = b.energies if cfg.model.energy in b.energies else [cfg.model.energy, *b.energies]
+    device = None
+    result = {"train": {}}
+    for energy in energies:
+        result["train"][energy], ctx = bench_training(cfg, energy, b)
+        if energy == cfg.model.energy:  # the configured model: MFU, profile and generation use it
+            device, data, model, optimizer, state, batches = ctx
+    peak = matmul_peak(device)
+    per_token = train_flops_per_token(model, cfg.data.block_size)
+    achieved = per_token * result["train"][cfg.model.energy]["think_steps=0"]["tokens_per_s"]
+    result.update({
+        "device": device, "threads": torch.get_num_threads(), "energy": cfg.model.energy,
+        "params": model.num_params(), "batch_size": cfg.data.batch_size, "block_size": cfg.data.block_size,
+        "mfu": {"train_flops_per_token": per_token, "achieved_flops": achieved, "matmul_peak_flops": peak,
+                "fraction_of_peak": achieved / peak},
+    })
+    if b.profile:
+        result["profile"] = profile_training(model, optimizer, state, cfg, batches)
+    result["generate"] = bench_generation(model, data, cfg, b, device)
+    result["peak_memory_mb"] = peak_memory_mb(device)
+    print(report(result, b))
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(result, indent=2))
     print(f"wrote {out / 'bench.json'}")
     return result
+
+
+def report(r, b):
+    m = r["mfu"]
+    out = [f"device {r['device']}, {r['threads']} threads, {r['params'] / 1e6:.2f}M parameters ({r['energy']}), "
+           f"batch {r['batch_size']} x block {r['block_size']}, median of {b.repeats} x {b.steps} steps", "",
+           f"| training | tokens/s K=0 | ms/step K=0 | tokens/s K={b.think_steps} | ms/step K={b.think_steps} | "
+           "ratio | peak memory MB |", "|---|---|---|---|---|---|---|"]
+    for energy, t in r["train"].items():
+        a, k = t["think_steps=0"], t[f"think_steps={b.think_steps}"]
+        out.append(f"| {energy} | {a['tokens_per_s']:.0f} | {a['ms_per_step']:.1f} | {k['tokens_per_s']:.0f} | "
+                   f"{k['ms_per_step']:.1f} | {t['ratio']:.3f} | {t['peak_memory_mb']:.0f} |")
+    out += ["", f"model FLOPs utilisation at K=0: {m['achieved_flops'] / 1e9:.1f} GFLOP/s achieved "
+            f"({m['train_flops_per_token'] / 1e6:.2f} MFLOP/token) of a measured {m['matmul_peak_flops'] / 1e9:.1f} "
+            f"GFLOP/s matmul peak = {m['fraction_of_peak']:.1%}"]
+    if "profile" in r:
+        out += ["", "where a training step's time goes (think_steps=0):", r["profile"]]
+    out += ["", "| generation (greedy, batch 1) | tokens/s | first call s | peak memory MB |", "|---|---|---|---|"]
+    for name, g in r["generate"].items():
+        out.append(f"| {name} | {g['tokens_per_s']:.0f} | {g['warmup_s']:.2f} | {g['peak_memory_mb']:.0f} |")
+    return "\n".join(out)
 
 
 @hydra.main(version_base="1.3", config_path="config", config_name="bench")

@@ -106,6 +106,13 @@ def make_energy(model, h, e, caches=None):
     return linear_energy(e)
 
 
+def energy_free_energy(z, energy, tau):
+    """(E(p), F(z) = E(p) - tau * H(p)) at p = softmax(z), for any energy: one value each per position."""
+    logp = F.log_softmax(z, dim=-1)
+    E = energy(logp.exp())[0]
+    return E, E + tau * (logp.exp() * logp).sum(-1)
+
+
 # ---------------------------------------------------------------------------------------------------
 # the think loop: one loop for training, eval, sampling and the contrastive chains
 
@@ -176,8 +183,7 @@ def system2_logits_from(z0, energy, steps, lr, cfg, noise, samples, training):
                      truncate=training and cfg.think_truncate)
     starts = torch.cat([z0.unsqueeze(0), torch.randn(samples - 1, *z0.shape, dtype=z0.dtype, device=z0.device)])
     zs = think(starts, energy, steps, lr, cfg.entropy_weight, cfg.think_max_move, noise)  # each (M, ..., V)
-    logp = F.log_softmax(zs[-1], dim=-1)
-    free = energy(logp.exp())[0] + cfg.entropy_weight * (logp.exp() * logp).sum(-1)  # F = E - tau H, (M, ...)
+    free = energy_free_energy(zs[-1], energy, cfg.entropy_weight)[1]  # (M, ...)
     best = free.argmin(0, keepdim=True).unsqueeze(-1).expand(1, *z0.shape)  # (1, ..., V)
     return [z.gather(0, best).squeeze(0) for z in zs]
 
@@ -349,23 +355,28 @@ def pick(z, sample, temperature=1.0, top_p=1.0, generator=None):
 
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, think_steps, topk=0, sample=False, temperature=1.0, top_p=1.0,
-             generator=None, use_cache=True, samples=1):
+             generator=None, use_cache=True, samples=1, compile=False):
     """
     Continue idx (B, T) by max_new_tokens tokens. With the KV cache each new token costs one single-token
     pass. When the cache holds block_size tokens it is rebuilt from the most recent block_size // 2
     tokens, so each rebuild buys block_size // 2 cheap steps and the context never drops below half a
     window. Without the cache (use_cache=False) each step reruns the last block_size tokens.
     The transformer energy reads the observed keys/values from the same cache while thinking.
+    compile: torch.compile the forward pass and the think steps. A single token's step is dozens of tiny
+    kernels whose launch overhead dominates on CPU; compiling fuses them (after ~15 s of compiling).
     """
     bs = model.config.block_size
+    forward, think_next = model, next_logits
+    if compile:
+        forward, think_next = torch.compile(model, dynamic=True), torch.compile(next_logits)
     caches = None
     for _ in range(max_new_tokens):
         if not use_cache or caches is None or caches[0].length == bs:
             ctx = idx[:, -max(1, bs // 2):] if use_cache and caches is not None else idx[:, -bs:]
             caches = model.new_caches(idx.size(0))
-            h = model(ctx, caches)
+            h = forward(ctx, caches)
         else:
-            h = model(idx[:, -1:], caches)
-        z = next_logits(model, h[:, -1:], think_steps, topk, caches, samples)
+            h = forward(idx[:, -1:], caches)
+        z = think_next(model, h[:, -1:], think_steps, topk, caches, samples)
         idx = torch.cat([idx, pick(z, sample, temperature, top_p, generator)], dim=1)
     return idx

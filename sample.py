@@ -34,13 +34,14 @@ class SampleConfig:
     seed: int = 1337
     device: str = "auto"
     num_samples: int = 1
+    compile: bool = False  # torch.compile each step: ~15 s once, then faster (see README, speed)
 
 
 ConfigStore.instance().store(name="sample_schema", node=SampleConfig)
 
 
 def load_model(path, device):
-    """A GPT and its vocabulary from any checkpoint train.py wrote (final.pt, best.pt or ckpt.pt)."""
+    """A GPT, its vocabulary and the run's config from any checkpoint train.py wrote (final/best/ckpt.pt)."""
     ckpt = load_checkpoint(path, map_location=device)
     try:
         model = GPT(OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), ckpt["config"]["model"])))
@@ -48,7 +49,7 @@ def load_model(path, device):
     except Exception as err:
         raise UserError(f"checkpoint {path} does not fit this version of nanoEBM ({str(err).splitlines()[0]}); "
                         "retrain it with this version") from None
-    return model.to(device).eval(), Vocab(ckpt["vocab"])
+    return model.to(device).eval(), Vocab(ckpt["vocab"]), ckpt["config"]
 
 
 def sample(cfg: SampleConfig):
@@ -61,16 +62,19 @@ def sample(cfg: SampleConfig):
     if cfg.think_samples is not None and cfg.think_samples < 1:
         raise UserError(f"think_samples={cfg.think_samples} must be >= 1")
     device = pick_device(cfg.device)
-    model, vocab = load_model(cfg.checkpoint, device)
+    model, vocab, _ = load_model(cfg.checkpoint, device)
     steps = 0 if not cfg.use_thinking else (model.config.think_steps if cfg.think_steps is None else cfg.think_steps)
     prompt = vocab.encode(cfg.prompt or "\n")
     idx = torch.tensor([prompt] * cfg.num_samples, dtype=torch.long, device=device)
+    samples = model.config.think_samples if cfg.think_samples is None else cfg.think_samples
+    if cfg.compile:  # compile first, in a short untimed run, so that tokens/s below is the steady speed
+        generate(model, idx, 2, steps, topk=cfg.topk, samples=samples, compile=True)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     t0 = time.time()
-    samples = model.config.think_samples if cfg.think_samples is None else cfg.think_samples
     out = generate(model, idx, cfg.max_new_tokens, steps, topk=cfg.topk, sample=cfg.sample,
-                   temperature=cfg.sample_temp, top_p=cfg.sample_top_p, generator=gen, samples=samples)
+                   temperature=cfg.sample_temp, top_p=cfg.sample_top_p, generator=gen, samples=samples,
+                   compile=cfg.compile)
     dt = time.time() - t0
     for row in out.tolist():
         print(vocab.decode(row))

@@ -214,3 +214,18 @@ def test_next_logits_without_topk_is_system2(tiny_factory):
         assert torch.allclose(ebm.next_logits(model, h[:, None], 3), ebm.system2_logits(model, None, e, 3)[-1])
         assert torch.allclose(ebm.next_logits(model, h[:, None], 0), -e / model.config.softmax_temperature)
         assert torch.allclose(F.softmax(ebm.next_logits(model, h[:, None], 0, topk=V), -1), F.softmax(-e, -1))
+
+
+@pytest.mark.parametrize("energy", ["linear", pytest.param("mixture", marks=pytest.mark.slow),
+                                    pytest.param("transformer", marks=pytest.mark.slow)])
+def test_compiled_generation_equals_eager(tiny_factory, energy):
+    """generate(compile=True) gives the same greedy tokens and the same logits as the eager path, past block_size."""
+    model = tiny_factory(seed=4, dtype=torch.float32, energy=energy, think_steps=3).eval()
+    idx = torch.randint(0, model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(0))
+    eager = ebm.generate(model, idx, 30, 3)  # 5 + 30 tokens > block_size 16: crosses a cache rebuild
+    compiled = ebm.generate(model, idx, 30, 3, compile=True)
+    assert torch.equal(eager, compiled)
+    caches = model.new_caches(2)
+    h = model(idx, caches)[:, -1:]
+    torch.testing.assert_close(torch.compile(ebm.next_logits)(model, h, 3, 0, caches),
+                               ebm.next_logits(model, h, 3, 0, caches))

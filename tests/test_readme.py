@@ -5,10 +5,15 @@ import shlex
 
 import pytest
 
+import json
+import subprocess
+
 import bench as bench_mod
+import eval as eval_mod
 from helpers import REPO, TINY, compose_cfg, run_sample, run_train
 
-TINY_BENCH = ["bench.steps=1", "bench.repeats=1", "bench.warmup=1", "bench.gen_tokens=4"]
+TINY_BENCH = ["bench.steps=1", "bench.repeats=1", "bench.warmup=1", "bench.gen_tokens=4", "bench.compile=false"]
+TINY_EVAL = ["max_tokens=1024", "sweep=[0,1,2]", "samples=[1,2]", "epsilons=[0.1]"]
 
 
 def readme_commands():
@@ -19,7 +24,7 @@ def readme_commands():
         for line in block.splitlines():
             words = shlex.split(line, comments=True)
             if words[:2] == ["uv", "run"]:
-                commands.append(words[2:])
+                commands.append(words[2:])  # `--extra plots` stays: the test runs those through uv itself
     return commands
 
 
@@ -42,6 +47,8 @@ def tiny_checkpoint(tmp_path_factory):
 @pytest.mark.parametrize("words", COMMANDS, ids=[" ".join(c) for c in COMMANDS])
 def test_readme_command_runs(words, tmp_path, tiny_checkpoint, capsys, monkeypatch):
     """This README command runs as written (only sizes, steps and paths are shrunk or redirected)."""
+    if words[0] == "--extra":  # an optional extra: run it as written, through uv, as a user would
+        return run_with_extra(words, tmp_path, tiny_checkpoint)
     script, args = (words[1], words[2:]) if words[0] == "python" else (words[0], words[1:])
     if script == "pytest":
         return  # this very suite
@@ -58,8 +65,12 @@ def test_readme_command_runs(words, tmp_path, tiny_checkpoint, capsys, monkeypat
         texts = run_sample(args + ["max_new_tokens=8"], capsys)
         assert texts and all(len(t) > 8 for t in texts)
     elif script == "bench.py":
-        result = bench_mod.bench(compose_cfg("bench", TINY + TINY_BENCH + out))
-        assert result["train"]["ratio"] > 0 and (tmp_path / "bench.json").exists()
+        result = bench_mod.bench(compose_cfg("bench", args + TINY + TINY_BENCH + out))
+        assert all(t["ratio"] > 0 for t in result["train"].values()) and (tmp_path / "bench.json").exists()
+    elif script == "eval.py":
+        args = [f"checkpoint={tiny_checkpoint}" if a.startswith("checkpoint=") else a for a in args]
+        result = eval_mod.main_eval(compose_cfg("eval", args + TINY_EVAL))
+        assert result["think_sweep"] and (tiny_checkpoint.parent / "eval.json").exists()
     else:
         pytest.fail(f"README command for an unknown script: {words}")
 
@@ -70,3 +81,19 @@ def test_gpu_preset_is_the_predecessors_model():
     m, d = cfg.model, cfg.data
     assert (m.n_layer, m.n_head, m.n_embd, d.block_size, d.batch_size) == (6, 6, 384, 256, 64)
     assert compose_cfg("train", ["preset=gpu", "model.n_layer=2"]).model.n_layer == 2  # overrides still win
+
+
+def run_with_extra(words, tmp_path, tiny_checkpoint):
+    """`uv run --extra NAME script args...` as a real process (uv installs the extra), tiny and redirected."""
+    assert words[:2] == ["--extra", "plots"] and words[2] == "viz.py", words
+    evals = tmp_path / "eval.json"
+    evals.write_text(json.dumps(eval_mod.evaluate_checkpoint(compose_cfg("eval", [f"checkpoint={tiny_checkpoint}"]
+                                                                          + TINY_EVAL))))
+    args = [f"checkpoint={tiny_checkpoint}" if a.startswith("checkpoint=") else
+            f"evals=[{evals}]" if a.startswith("evals=") else a for a in words[3:]]
+    proc = subprocess.run(["uv", "run", "--project", str(REPO), "--extra", "plots", str(REPO / "viz.py"), *args,
+                           f"out_dir={tmp_path}", "think_steps=3"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for name in ("think_sweep.png", "think_descent.png", "candidates.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name

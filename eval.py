@@ -1,0 +1,425 @@
+"""
+Does thinking help? `uv run eval.py checkpoint=out_ebt/final.pt` answers on the val split with numbers.
+
+Every val character is scored once (non-overlapping windows of block_size; the tail shorter than a
+window is left out), so two runs of the same checkpoint print the same figures. The windows are dealt
+into a tune slice (every 5th window: it only chooses temperatures) and a report slice (the rest: every
+figure below). Parts, each a top-level key of eval.json (written next to the checkpoint):
+
+  think_sweep          val loss, bits per char and time per token for think_steps in `sweep`
+  temperature_control  System 1 at its best temperature beside thinking: a gain that is only temperature
+                       shows as such
+  self_verification    think_samples M in `samples`: M starts, keep the lowest free energy
+  uncertainty          how well a token's final energy predicts its loss and whether its argmax is wrong
+  adaptive             stop a token's thinking once its free energy changes by less than epsilon
+  ood                  the sweep on text unlike the training data: the README, and val with `corrupt` of
+                       its characters substituted
+
+Differences between settings are paired (the same tokens), so each comes with the standard error of the
+per-token difference: a gain smaller than two of those is noise.
+"""
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+import hydra
+import torch
+from hydra.core.config_store import ConfigStore
+from torch.nn import functional as F
+
+from data import load_text, resolve_path
+from ebm import energy_free_energy, make_energy, system2_logits, think
+from sample import load_model
+from util import UserError, check_overrides, pick_device, run
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: str = "out_ebt/final.pt"
+    think_steps: Optional[int] = None  # K for the parts that think once (default: the model's think_steps)
+    sweep: List[int] = field(default_factory=lambda: [0, 1, 2, 4, 8, 16])
+    samples: List[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    epsilons: List[float] = field(default_factory=lambda: [0.1, 0.03, 0.01, 0.003])
+    ood_text: str = "README.md"  # relative paths: the working directory, else the repo root
+    corrupt: float = 0.05  # fraction of val characters substituted at random for the corrupted copy
+    max_tokens: int = 0  # score at most this many val tokens (0 = the whole val split)
+    batch_size: int = 64  # windows per forward pass
+    seed: int = 1337  # self-verification's random starts and the corruption
+    device: str = "auto"
+
+
+ConfigStore.instance().store(name="eval_schema", node=EvalConfig)
+
+LN2 = math.log(2)
+
+# ---------------------------------------------------------------------------------------------------
+# metrics on plain tensors (tests/test_eval.py checks each on cases with known answers)
+
+
+def ce(z, y):
+    """Per-token cross-entropy (N,) of logits z (N, V) for targets y (N,)."""
+    return F.cross_entropy(z.double(), y, reduction="none")
+
+
+def summary(losses, base=None):
+    """Mean loss, bits per char, its standard error; with base (the same tokens), the paired difference."""
+    out = {"loss": losses.mean().item(), "bits_per_char": losses.mean().item() / LN2,
+           "se": (losses.std() / math.sqrt(losses.numel())).item()}
+    if base is not None:
+        diff = losses - base
+        out["delta"] = diff.mean().item()
+        out["delta_se"] = (diff.std() / math.sqrt(diff.numel())).item()
+    return out
+
+
+def best_temperature(z, y, lo=1e-2, hi=1e2, iters=100):
+    """The temperature T minimising mean CE(z / T): golden-section search on log T. CE is convex in 1/T
+    (a log-sum-exp of a linear function of 1/T), so it has one minimum and the search finds it."""
+    def loss(log_t):
+        return ce(z.double() / math.exp(log_t), y).mean().item()  # float64: T is found to ~1e-8
+
+    a, b = math.log(lo), math.log(hi)
+    g = (math.sqrt(5) - 1) / 2
+    c, d = b - g * (b - a), a + g * (b - a)
+    fc, fd = loss(c), loss(d)
+    for _ in range(iters):
+        if fc < fd:
+            b, d, fd = d, c, fc
+            c = b - g * (b - a)
+            fc = loss(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + g * (b - a)
+            fd = loss(d)
+    return math.exp((a + b) / 2)
+
+
+def ranks(x):
+    """Ranks 1..N of x, ties sharing their mean rank."""
+    x = x.double()
+    order = x.argsort()
+    r = torch.empty_like(x)
+    r[order] = torch.arange(1, x.numel() + 1, dtype=x.dtype)
+    uniq, inverse = x.unique(return_inverse=True)  # average the ranks within each group of equal values
+    total = torch.zeros(uniq.numel(), dtype=x.dtype).index_add_(0, inverse, r)
+    count = torch.zeros(uniq.numel(), dtype=x.dtype).index_add_(0, inverse, torch.ones_like(r))
+    return (total / count)[inverse]
+
+
+def pearson(a, b):
+    a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
+    return ((a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-300)).item()
+
+
+def spearman(a, b):
+    return pearson(ranks(a), ranks(b))
+
+
+def auroc(score, positive):
+    """P(score of a random positive > score of a random negative), ties counting 1/2 (Mann-Whitney U)."""
+    positive = positive.bool()
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    r = ranks(score)
+    return ((r[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)).item()
+
+
+def as_uncertainty(score, losses, wrong):
+    return {"pearson": pearson(score, losses), "spearman": spearman(score, losses), "auroc": auroc(score, wrong)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# running the model over windows
+
+
+def windows(ids, block_size, max_tokens=0):
+    """Non-overlapping windows x (N, T) of ids and their next tokens y (N, T); every id scored once."""
+    n = (len(ids) - 1) // block_size
+    if max_tokens:
+        n = min(n, max(1, max_tokens // block_size))
+    if n < 1:
+        raise UserError(f"the text has {len(ids)} characters, fewer than one window of {block_size + 1}")
+    x = ids[: n * block_size].view(n, block_size)
+    y = ids[1 : n * block_size + 1].view(n, block_size)
+    return x, y
+
+
+class Runner:
+    """Forward passes over fixed windows, in batches, timed; what each think setting costs per token."""
+
+    def __init__(self, model, x, y, batch_size, device):
+        self.model, self.x, self.y, self.bs, self.device = model, x, y, batch_size, device
+        self.targets = y.reshape(-1)
+        self.tokens = y.numel()
+
+    def batches(self):
+        for i in range(0, self.x.size(0), self.bs):
+            yield self.x[i : i + self.bs].to(self.device)
+
+    def warm_up(self, steps, samples):
+        """One untimed batch first, so that one-time costs (allocator, kernels) do not land in the timing."""
+        h, e, caches = self.forward(self.x[: self.bs].to(self.device))
+        system2_logits(self.model, h, e, steps, caches, samples)
+
+    def forward(self, x):
+        """Hidden states, energies and (for the transformer energy) the observed stream's KV cache."""
+        caches = self.model.new_caches(x.size(0)) if self.model.config.energy == "transformer" else None
+        h = self.model(x, caches)  # (b, T, d)
+        return h, self.model.energies(h), caches
+
+    def sync(self):
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def logits(self, steps, samples=1):
+        """System 1 and thinking logits (N, V) of every token, and seconds per token for the whole pass."""
+        z0s, zks = [], []
+        self.warm_up(steps, samples)
+        self.sync()
+        t0 = time.perf_counter()
+        for x in self.batches():
+            h, e, caches = self.forward(x)
+            zs = system2_logits(self.model, h, e, steps, caches, samples)
+            z0s.append(zs[0].flatten(0, 1).float().cpu())
+            zks.append(zs[-1].flatten(0, 1).float().cpu())
+        self.sync()
+        return torch.cat(z0s), torch.cat(zks), (time.perf_counter() - t0) / self.tokens
+
+    def sweep(self, steps_list):
+        """Loss of the prediction after K think steps for each K, paired against K = 0."""
+        rows, base = [], None
+        for k in steps_list:
+            z0, zk, sec = self.logits(k)
+            losses = ce(zk, self.targets)
+            if base is None:
+                base = ce(z0, self.targets)  # System 1 is the prediction at K = 0
+            rows.append({"think_steps": k, **summary(losses, base), "us_per_token": 1e6 * sec})
+        return rows
+
+    def final_energies(self, steps):
+        """Per token: the energy E(p_K) and free energy F(z_K) of the thinking output, and its logits."""
+        cfg = self.model.config
+        Es, Fs, zks = [], [], []
+        for x in self.batches():
+            h, e, caches = self.forward(x)
+            zk = system2_logits(self.model, h, e, steps, caches)[-1]
+            E, free = energy_free_energy(zk, make_energy(self.model, h, e, caches), cfg.entropy_weight)
+            Es.append(E.flatten().cpu())
+            Fs.append(free.flatten().cpu())
+            zks.append(zk.flatten(0, 1).float().cpu())
+        return torch.cat(Es).detach(), torch.cat(Fs).detach(), torch.cat(zks).detach()
+
+    def adaptive(self, max_steps, eps):
+        """Think at most max_steps; a token stops once a step changes its free energy by less than eps.
+        Returns its logits (N, V) and the steps each token used (N,). Stopped tokens are masked, not
+        removed, so this measures steps, not wall time."""
+        cfg = self.model.config
+        zks, used = [], []
+        for x in self.batches():
+            h, e, caches = self.forward(x)
+            energy = make_energy(self.model, h, e, caches)
+
+            def free(z):
+                return energy_free_energy(z, energy, cfg.entropy_weight)[1]
+
+            z = -e / cfg.softmax_temperature
+            f = free(z)
+            steps = torch.zeros(z.shape[:-1], device=z.device)
+            active = torch.ones(z.shape[:-1], dtype=torch.bool, device=z.device)
+            for _ in range(max_steps):
+                z_next = think(z, energy, 1, self.model.think_lr(), cfg.entropy_weight, cfg.think_max_move)[-1]
+                f_next = free(z_next)
+                z = torch.where(active.unsqueeze(-1), z_next, z)
+                steps += active
+                active &= (f_next - f).abs() >= eps
+                f = f_next
+                if not active.any():
+                    break
+            zks.append(z.flatten(0, 1).float().cpu())
+            used.append(steps.flatten().cpu())
+        return torch.cat(zks).detach(), torch.cat(used)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the report
+
+
+def corrupt_ids(ids, rate, vocab_size, generator):
+    """A copy of ids with a fraction `rate` of positions replaced by a different, uniformly drawn id."""
+    hit = torch.rand(ids.shape, generator=generator) < rate
+    shift = torch.randint(1, vocab_size, ids.shape, generator=generator)  # never the same id again
+    return torch.where(hit, (ids + shift) % vocab_size, ids)
+
+
+@torch.no_grad()  # the transformer energy turns gradients on for dE/dp only
+def evaluate_checkpoint(cfg: EvalConfig):
+    if not cfg.sweep or min(cfg.sweep) < 0 or not cfg.samples or min(cfg.samples) < 1:
+        raise UserError("sweep needs think_steps >= 0 and samples >= 1, e.g. sweep=[0,1,2,4] samples=[1,2]")
+    if min(cfg.epsilons, default=1) <= 0 or not 0 <= cfg.corrupt < 1 or cfg.batch_size < 1 or cfg.max_tokens < 0:
+        raise UserError("epsilons must be > 0, corrupt in [0, 1), batch_size >= 1 and max_tokens >= 0")
+    ood_path = resolve_path(cfg.ood_text)
+    if not ood_path.is_file():
+        raise UserError(f"ood_text={cfg.ood_text} not found: pass a text file, e.g. ood_text=README.md")
+    device = pick_device(cfg.device)
+    model, vocab, ckpt_cfg = load_model(cfg.checkpoint, device)
+    mcfg = model.config
+    K = mcfg.think_steps if cfg.think_steps is None else cfg.think_steps
+    if K < 0:
+        raise UserError(f"think_steps={K} must be >= 0")
+    text = load_text(ckpt_cfg["data"]["data_path"])
+    ids = torch.tensor(vocab.encode(text), dtype=torch.long)
+    val = ids[int(0.9 * len(ids)) :]  # the split train.py uses
+    x, y = windows(val, mcfg.block_size, cfg.max_tokens)
+    tune = torch.arange(x.size(0)) % 5 == 0
+    if tune.all():
+        raise UserError("the val split is too short for a tune and a report slice: raise max_tokens")
+    report = Runner(model, x[~tune], y[~tune], cfg.batch_size, device)
+    tuner = Runner(model, x[tune], y[tune], cfg.batch_size, device)
+    n_vocab = len(vocab)
+    result = {"checkpoint": str(cfg.checkpoint), "energy": mcfg.energy, "model_think_steps": mcfg.think_steps,
+              "think_steps": K, "tokens": report.tokens, "tune_tokens": tuner.tokens, "device": device,
+              "uniform_loss": math.log(n_vocab)}
+
+    # think sweep
+    result["think_sweep"] = report.sweep(cfg.sweep)
+
+    # temperature-matched control: each prediction at the temperature that is best on the tune slice
+    z0_t, zk_t, _ = tuner.logits(K)
+    t1, t2 = best_temperature(z0_t, tuner.targets), best_temperature(zk_t, tuner.targets)
+    z0, zk, _ = report.logits(K)
+    s1, s2 = ce(z0, report.targets), ce(zk, report.targets)
+    s1_t, s2_t = ce(z0 / t1, report.targets), ce(zk / t2, report.targets)
+    result["temperature_control"] = {
+        "think_steps": K, "s1": summary(s1), "s2": summary(s2, s1),
+        "s1_temperature": t1, "s1_at_temperature": summary(s1_t, s1),
+        "s2_temperature": t2, "s2_at_temperature": summary(s2_t, s1_t),
+    }
+
+    # self-verification
+    rows = []
+    for m in cfg.samples:
+        torch.manual_seed(cfg.seed)
+        _, zm, sec = report.logits(K, samples=m)
+        rows.append({"samples": m, **summary(ce(zm, report.targets), s2), "us_per_token": 1e6 * sec,
+                     "random_start_chosen": (zm != zk).any(-1).double().mean().item()})
+    result["self_verification"] = rows
+
+    # energy as uncertainty
+    E, Fr, zk_u = report.final_energies(K)
+    losses = ce(zk_u, report.targets)
+    wrong = zk_u.argmax(-1) != report.targets
+    result["uncertainty"] = {
+        "think_steps": K, "error_rate": wrong.double().mean().item(),
+        "energy": as_uncertainty(E, losses, wrong), "free_energy": as_uncertainty(Fr, losses, wrong),
+        "max_prob": as_uncertainty(-F.softmax(zk_u, -1).amax(-1), losses, wrong),  # the usual baseline
+    }
+
+    # adaptive compute
+    max_steps = max(cfg.sweep)
+    rows = []
+    for eps in cfg.epsilons:
+        za, used = report.adaptive(max_steps, eps)
+        fixed = round(used.mean().item())
+        _, zf, _ = report.logits(fixed)
+        rows.append({"epsilon": eps, "mean_steps": used.mean().item(), "max_steps": max_steps,
+                     **summary(ce(za, report.targets), s1), "fixed_steps": fixed,
+                     "fixed": summary(ce(zf, report.targets), s1)})
+    result["adaptive"] = rows
+
+    # out of distribution
+    gen = torch.Generator().manual_seed(cfg.seed)
+    ood = ood_path.read_text(encoding="utf-8", errors="replace")
+    kept = [c for c in ood if c in vocab.stoi]
+    ood_ids = torch.tensor(vocab.encode(kept), dtype=torch.long)
+    flat = torch.cat([x[~tune], y[~tune, -1:]], dim=1)  # the report windows with their last target
+    flat = corrupt_ids(flat, cfg.corrupt, n_vocab, gen)
+    ood_runner = Runner(model, *windows(ood_ids, mcfg.block_size), cfg.batch_size, device)
+    corrupt_runner = Runner(model, flat[:, :-1], flat[:, 1:], cfg.batch_size, device)
+    sweeps = {"val": (result["think_sweep"], report.tokens, 0),
+              "ood_text": (ood_runner.sweep(cfg.sweep), ood_runner.tokens, len(ood) - len(kept)),
+              "corrupted_val": (corrupt_runner.sweep(cfg.sweep), corrupt_runner.tokens, 0)}
+    result["ood"] = {"ood_path": str(cfg.ood_text), "corrupt": cfg.corrupt}
+    for name, (rows, tokens, dropped) in sweeps.items():
+        best = min(rows, key=lambda r: r["loss"])  # gain: how much the best K beats K = 0 on this text
+        result["ood"][name] = {"tokens": tokens, "dropped_chars": dropped, "sweep": rows,
+                               "best_think_steps": best["think_steps"], "gain": 0.0 - best["delta"]}
+    return result
+
+
+def markdown(r):
+    """The report as markdown tables."""
+    def f(x, nd=4):
+        return f"{x:.{nd}f}"
+
+    def d(s):
+        return f"{s['delta']:+.4f} ± {s['delta_se']:.4f}"
+
+    out = [f"# eval of {r['checkpoint']}",
+           f"energy {r['energy']}, trained with think_steps {r['model_think_steps']}; {r['tokens']} val tokens "
+           f"reported, {r['tune_tokens']} for tuning temperatures; device {r['device']}; losses in nats "
+           f"(uniform: {r['uniform_loss']:.4f}); ± is one standard error of the paired difference", "",
+           "## think sweep", "| think_steps | val loss | bits/char | vs K=0 | µs/token |", "|---|---|---|---|---|"]
+    for row in r["think_sweep"]:
+        out.append(f"| {row['think_steps']} | {f(row['loss'])} | {f(row['bits_per_char'])} | {d(row)} | "
+                   f"{row['us_per_token']:.1f} |")
+    t = r["temperature_control"]
+    out += ["", f"## temperature-matched control (K={t['think_steps']}; temperatures chosen on the tune slice)",
+            "| prediction | temperature | val loss | vs raw System 1 |", "|---|---|---|---|",
+            f"| System 1 | 1 | {f(t['s1']['loss'])} | |",
+            f"| System 1 | {t['s1_temperature']:.3f} | {f(t['s1_at_temperature']['loss'])} | {d(t['s1_at_temperature'])} |",
+            f"| thinking | 1 | {f(t['s2']['loss'])} | {d(t['s2'])} |",
+            f"| thinking | {t['s2_temperature']:.3f} | {f(t['s2_at_temperature']['loss'])} | "
+            f"{d(t['s2_at_temperature'])} vs System 1 at its temperature |"]
+    out += ["", f"## self-verification (K={r['think_steps']})",
+            "| samples M | val loss | vs M=1 | random start chosen | µs/token |", "|---|---|---|---|---|"]
+    for row in r["self_verification"]:
+        out.append(f"| {row['samples']} | {f(row['loss'])} | {d(row)} | {row['random_start_chosen']:.4f} | "
+                   f"{row['us_per_token']:.1f} |")
+    u = r["uncertainty"]
+    out += ["", f"## energy as uncertainty (K={u['think_steps']}; argmax wrong on {u['error_rate']:.1%} of tokens)",
+            "| score | Pearson with loss | Spearman with loss | AUROC for argmax wrong |", "|---|---|---|---|"]
+    for name in ("energy", "free_energy", "max_prob"):
+        s = u[name]
+        label = {"energy": "E(p_K)", "free_energy": "F(z_K)", "max_prob": "1 - max p (baseline)"}[name]
+        out.append(f"| {label} | {f(s['pearson'], 3)} | {f(s['spearman'], 3)} | {f(s['auroc'], 3)} |")
+    out += ["", "## adaptive compute (stop when the free energy changes by less than epsilon)",
+            "| epsilon | mean steps | val loss | vs K=0 | fixed K | its val loss |", "|---|---|---|---|---|---|"]
+    for row in r["adaptive"]:
+        out.append(f"| {row['epsilon']:g} | {row['mean_steps']:.2f} / {row['max_steps']} | {f(row['loss'])} | "
+                   f"{d(row)} | {row['fixed_steps']} | {f(row['fixed']['loss'])} |")
+    o = r["ood"]
+    names = [n for n in ("val", "ood_text", "corrupted_val") if n in o]
+    out += ["", f"## out of distribution (ood_text {o['ood_path']}; corrupted val: {o['corrupt']:.0%} substituted)",
+            "| think_steps | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for i, k in enumerate(row["think_steps"] for row in o["val"]["sweep"]):
+        out.append(f"| {k} | " + " | ".join(f"{f(o[n]['sweep'][i]['loss'])} ({d(o[n]['sweep'][i])})" for n in names) + " |")
+    out.append("| tokens | " + " | ".join(str(o[n]["tokens"]) for n in names) + " |")
+    out.append("| gain of the best K | " + " | ".join(f"{o[n]['gain']:+.4f} (K={o[n]['best_think_steps']})" for n in names) + " |")
+    return "\n".join(out)
+
+
+def main_eval(cfg: EvalConfig):
+    t0 = time.time()
+    result = evaluate_checkpoint(cfg)
+    result["eval_seconds"] = time.time() - t0
+    print(markdown(result))
+    path = Path(cfg.checkpoint).parent / "eval.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {path} in {result['eval_seconds']:.0f}s")
+    return result
+
+
+@hydra.main(version_base="1.3", config_path="config", config_name="eval")
+def main(cfg):
+    run(main_eval, cfg)
+
+
+if __name__ == "__main__":
+    check_overrides("eval", sys.argv[1:])
+    main()

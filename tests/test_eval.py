@@ -1,0 +1,431 @@
+"""eval.py: its metrics on cases with known answers, and the report end to end on tiny checkpoints."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from helpers import TINY, compose_cfg, run_train, write_corpus
+
+import eval as eval_mod  # noqa: E402  (registers the eval_schema config node; the module, not the builtin)
+from util import UserError
+
+PARTS = {"think_sweep", "temperature_control", "self_verification", "uncertainty", "adaptive", "ood"}
+HEADINGS = ["## think sweep", "## temperature-matched control", "## self-verification", "## energy as uncertainty",
+            "## adaptive compute", "## out of distribution"]
+TIMINGS = {"us_per_token", "eval_seconds"}
+# a skewed alphabet (a repeated character is drawn more often), so that a trained model's System 1 carries
+# information and its best temperature is finite; 9 distinct symbols
+ALPHABET = "aaaaaaaabbbbccd efg\n"
+OOD_TEXT = "abc defg\nZZ!" * 100  # "Z", "Z", "!" are not in the vocabulary: 300 characters dropped
+TRAIN = TINY + ["train.max_steps=30", "train.learning_rate=1e-2", "train.warmup_steps=2", "train.eval_interval=100"]
+# 20k characters: val is the last 2000, i.e. 124 windows of 16; every 5th (25) tunes, 99 are reported
+REPORT_TOKENS, TUNE_TOKENS = 99 * 16, 25 * 16
+
+
+# ---------------------------------------------------------------------------------------------------
+# fixtures and helpers
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny linear-energy model trained 30 steps on a skewed random corpus: (checkpoint, ood text file)."""
+    root = tmp_path_factory.mktemp("eval")
+    corpus = write_corpus(root / "corpus.txt", n_chars=20_000, alphabet=ALPHABET)
+    run_train(TRAIN + [f"data.data_path={corpus}", f"out_dir={root / 'out'}"])
+    ood = root / "ood.txt"
+    ood.write_text(OOD_TEXT, encoding="utf-8")
+    return root / "out" / "final.pt", ood
+
+
+def eval_cfg(ckpt, ood, *extra):
+    """The typed config of `uv run eval.py checkpoint=ckpt ...` at a small, fast size."""
+    return compose_cfg("eval", [f"checkpoint={ckpt}", f"ood_text={ood}", "max_tokens=2048", "sweep=[0,1,2]",
+                                "samples=[1,2]", "epsilons=[0.01]", "device=cpu", *extra])
+
+
+def edited_checkpoint(ckpt, out_dir, edit):
+    """A copy of ckpt in out_dir/final.pt with edit(state_dict) applied to its weights."""
+    obj = torch.load(ckpt, map_location="cpu", weights_only=True)
+    edit(obj["model"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(obj, out_dir / "final.pt")
+    return out_dir / "final.pt", len(obj["vocab"])
+
+
+@pytest.fixture(scope="module")
+def trained_result(trained):
+    """evaluate_checkpoint of the trained model, with an adaptive epsilon so large that every token stops
+    after one step and one so small that none stops early."""
+    ckpt, ood = trained
+    return eval_mod.evaluate_checkpoint(eval_cfg(ckpt, ood, "epsilons=[1e9,1e-30]"))
+
+
+def figures(r, drop=TIMINGS):
+    """Every number of a result (nested dicts and lists), keyed by its path, timings left out."""
+    if isinstance(r, dict):
+        return {f"{k}/{p}": v for k in r if k not in drop for p, v in figures(r[k], drop).items()}
+    if isinstance(r, list):
+        return {f"{i}/{p}": v for i, x in enumerate(r) for p, v in figures(x, drop).items()}
+    return {"": r}
+
+
+def phi(x):
+    return 0.5 * (1 + math.erf(x / math.sqrt(2)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# auroc, ranks, correlations
+
+
+def test_auroc_extremes(one_thread):
+    """auroc is 1 for perfectly separated scores, 0 for reversed ones, 1/2 when every score is tied."""
+    pos = torch.tensor([0, 0, 0, 1, 1, 0, 1], dtype=torch.bool)
+    score = pos.double() * 5 + torch.arange(7) * 0.1  # every positive above every negative
+    assert eval_mod.auroc(score, pos) == pytest.approx(1.0, abs=1e-12)
+    assert eval_mod.auroc(-score, pos) == pytest.approx(0.0, abs=1e-12)
+    assert eval_mod.auroc(torch.full((7,), 3.0), pos) == pytest.approx(0.5, abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_auroc_matches_pairwise_count(seed, one_thread):
+    """auroc equals the brute-force fraction of (positive, negative) pairs ordered right, ties counting 1/2."""
+    g = torch.Generator().manual_seed(seed)
+    score = torch.randint(0, 4, (41,), generator=g).double()  # 4 values: many ties
+    pos = torch.rand(41, generator=g) < 0.4
+    p, n = score[pos], score[~pos]
+    wins = (p[:, None] > n[None, :]).double().sum() + 0.5 * (p[:, None] == n[None, :]).double().sum()
+    expected = (wins / (p.numel() * n.numel())).item()
+    assert 0.05 < expected < 0.95  # a non-trivial case
+    assert eval_mod.auroc(score, pos) == pytest.approx(expected, abs=1e-12)
+    assert eval_mod.auroc(score, pos.long()) == pytest.approx(expected, abs=1e-12)  # 0/1 labels work too
+
+
+@pytest.mark.parametrize("d", [0.5, 1.0, 2.0])
+def test_auroc_of_two_gaussians(d):
+    """Scores N(0,1) for negatives and N(d,1) for positives give auroc Phi(d / sqrt 2)."""
+    g = torch.Generator().manual_seed(7)
+    n = 20_000
+    score = torch.cat([torch.randn(n, generator=g), torch.randn(n, generator=g) + d])
+    pos = torch.cat([torch.zeros(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool)])
+    assert eval_mod.auroc(score, pos) == pytest.approx(phi(d / math.sqrt(2)), abs=0.01)
+
+
+def test_auroc_is_nan_without_both_classes(one_thread):
+    """With no positives (or no negatives) auroc is undefined: nan."""
+    score = torch.tensor([0.1, 0.5, 0.3])
+    assert math.isnan(eval_mod.auroc(score, torch.zeros(3, dtype=torch.bool)))
+    assert math.isnan(eval_mod.auroc(score, torch.ones(3, dtype=torch.bool)))
+
+
+def test_ranks_ties_share_mean_rank(one_thread):
+    """ranks are 1..N with tied values sharing their mean rank."""
+    assert eval_mod.ranks(torch.tensor([3, 1, 3, 2])).tolist() == [3.5, 1.0, 3.5, 2.0]
+    assert eval_mod.ranks(torch.tensor([5.0, 5.0, 5.0])).tolist() == [2.0, 2.0, 2.0]
+    assert eval_mod.ranks(torch.tensor([0.3, -1.0, 7.0, 2.0])).tolist() == [2.0, 1.0, 4.0, 3.0]
+
+
+def test_correlations_known_answers(one_thread):
+    """spearman(x, exp x) = 1 (monotone, not linear); pearson(x, 2x + 1) = 1, pearson(x, -x) = -1."""
+    x = torch.linspace(-3, 3, 50, dtype=torch.float64)
+    assert eval_mod.spearman(x, x.exp()) == pytest.approx(1.0, abs=1e-12)
+    assert eval_mod.pearson(x, x.exp()) < 0.95  # so the spearman check above is not a linear one
+    assert eval_mod.spearman(x, -x.exp()) == pytest.approx(-1.0, abs=1e-12)
+    assert eval_mod.pearson(x, 2 * x + 1) == pytest.approx(1.0, abs=1e-12)
+    assert eval_mod.pearson(x, -x) == pytest.approx(-1.0, abs=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------
+# best_temperature
+
+
+def calibrated(n=100_000, v=10, seed=0):
+    """Logits z_true (n, v) and targets drawn from softmax(z_true): z_true is calibrated (best T = 1)."""
+    g = torch.Generator().manual_seed(seed)
+    z = 1.5 * torch.randn(n, v, generator=g, dtype=torch.float64)
+    y = torch.multinomial(torch.softmax(z, -1), 1, generator=g).squeeze(1)
+    return z, y
+
+
+@pytest.mark.parametrize("c", [2.0, 0.5])
+def test_best_temperature_recovers_scale(c):
+    """For z = c * z_true with targets drawn from softmax(z_true), the best temperature is c."""
+    z, y = calibrated()
+    assert eval_mod.best_temperature(c * z, y) == pytest.approx(c, rel=0.05)
+
+
+def test_best_temperature_scaling_law(one_thread):
+    """best_temperature(a * z, y) = a * best_temperature(z, y)."""
+    z, y = calibrated(n=5_000, seed=1)
+    t = eval_mod.best_temperature(z, y)
+    for a in (3.0, 0.25):
+        assert eval_mod.best_temperature(a * z, y) == pytest.approx(a * t, rel=1e-3)
+
+
+def test_best_temperature_precise_on_float32_logits(one_thread):
+    """best_temperature of float32 logits (what Runner.logits returns) matches that of the same values in
+    float64 to 1e-6 relative: the search's precision does not depend on the logits' dtype."""
+    z, y = calibrated(n=5_000, seed=3)
+    z32 = (0.4 * z).float()
+    assert eval_mod.best_temperature(z32, y) == pytest.approx(eval_mod.best_temperature(z32.double(), y), rel=1e-6)
+
+
+def test_best_temperature_is_a_minimum(one_thread):
+    """The returned T has mean CE below that at T = 1 and no higher than at T * 1.1 and T / 1.1."""
+    z, y = calibrated(n=5_000, seed=2)
+    z = 2 * z  # over-confident: the best T is near 2, clearly away from 1
+
+    def loss(t):
+        return eval_mod.ce(z / t, y).mean().item()
+
+    t = eval_mod.best_temperature(z, y)
+    assert loss(t) < loss(1.0) - 1e-3
+    assert loss(t) <= loss(t * 1.1)
+    assert loss(t) <= loss(t / 1.1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# windows, corrupt_ids, summary
+
+
+def test_windows_cover_every_target_once(one_thread):
+    """Windows do not overlap, y is x shifted by one, and ids[1 : n*T + 1] are the targets, each once."""
+    ids = torch.randperm(100, generator=torch.Generator().manual_seed(0))  # distinct ids: positions traceable
+    T = 8
+    x, y = eval_mod.windows(ids, T)
+    n = 99 // T
+    assert x.shape == y.shape == (n, T)
+    assert torch.equal(x.reshape(-1), ids[: n * T])  # consecutive, non-overlapping
+    assert torch.equal(y.reshape(-1), ids[1 : n * T + 1])
+    assert torch.equal(y[:, :-1], x[:, 1:])  # shifted by one within a window
+    assert sorted(y.reshape(-1).tolist()) == sorted(ids[1 : n * T + 1].tolist())  # each exactly once
+
+
+@pytest.mark.parametrize("max_tokens, n", [(40, 5), (47, 5), (48, 6), (10_000, 12)])
+def test_windows_max_tokens_caps_the_count(max_tokens, n, one_thread):
+    """max_tokens caps the number of scored tokens (whole windows only); a large cap changes nothing."""
+    ids = torch.arange(100)
+    x, y = eval_mod.windows(ids, 8, max_tokens)
+    assert x.shape == y.shape == (n, 8)
+    assert torch.equal(y.reshape(-1), ids[1 : n * 8 + 1])
+
+
+def test_windows_too_short_text(one_thread):
+    """A text without one window plus its next token raises UserError; exactly one window's worth is fine."""
+    with pytest.raises(UserError):
+        eval_mod.windows(torch.arange(8), 8)
+    x, y = eval_mod.windows(torch.arange(9), 8)
+    assert x.shape == (1, 8) and y[0, -1] == 8
+
+
+@pytest.mark.parametrize("rate, V", [(0.1, 7), (0.5, 2), (0.3, 5)])
+def test_corrupt_ids_rate_and_range(rate, V, one_thread):
+    """About `rate` of positions change (binomial tolerance); a hit never keeps its id; ids stay in [0, V)."""
+    g = torch.Generator().manual_seed(0)
+    n = 20_000
+    ids = torch.randint(0, V, (n,), generator=g)
+    before = ids.clone()
+    out = eval_mod.corrupt_ids(ids, rate, V, torch.Generator().manual_seed(1))
+    assert torch.equal(ids, before)  # a copy: the input is untouched
+    assert out.shape == ids.shape and out.dtype == torch.long
+    assert out.min() >= 0 and out.max() < V
+    changed = (out != ids).double().mean().item()
+    # if a hit could draw its own id again, the changed fraction would be rate * (1 - 1/V): 0.25 for V = 2
+    assert abs(changed - rate) < 5 * math.sqrt(rate * (1 - rate) / n)
+
+
+def test_corrupt_ids_replacement_is_uniform_over_the_others(one_thread):
+    """A substituted id is drawn uniformly from the V - 1 other ids."""
+    V, n = 5, 40_000
+    out = eval_mod.corrupt_ids(torch.zeros(n, dtype=torch.long), 0.5, V, torch.Generator().manual_seed(3))
+    counts = torch.bincount(out[out != 0], minlength=V)[1:].double()
+    assert counts.sum() > 0.45 * n
+    assert (counts / counts.sum() - 1 / (V - 1)).abs().max() < 0.02
+
+
+def test_corrupt_ids_rate_zero_and_seeded(one_thread):
+    """Rate 0 changes nothing; the same seed gives the same copy, another seed another copy."""
+    ids = torch.randint(0, 9, (3, 500), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(eval_mod.corrupt_ids(ids, 0.0, 9, torch.Generator().manual_seed(1)), ids)
+    a = eval_mod.corrupt_ids(ids, 0.2, 9, torch.Generator().manual_seed(1))
+    b = eval_mod.corrupt_ids(ids, 0.2, 9, torch.Generator().manual_seed(1))
+    c = eval_mod.corrupt_ids(ids, 0.2, 9, torch.Generator().manual_seed(2))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_summary_by_hand(one_thread):
+    """summary: mean, bits = loss / ln 2, standard errors with the n - 1 std, paired delta and its se."""
+    losses = torch.tensor([1.0, 2.0, 4.0, 7.0], dtype=torch.float64)
+    base = torch.tensor([1.0, 1.0, 2.0, 2.0], dtype=torch.float64)  # differences 0, 1, 2, 5
+    s = eval_mod.summary(losses)
+    assert set(s) == {"loss", "bits_per_char", "se"}
+    assert s["loss"] == pytest.approx(3.5)
+    assert s["bits_per_char"] == pytest.approx(3.5 / math.log(2))
+    assert s["se"] == pytest.approx(math.sqrt(21 / 3) / 2)
+    p = eval_mod.summary(losses, base)
+    assert p["delta"] == pytest.approx(2.0)
+    assert p["delta_se"] == pytest.approx(math.sqrt(14 / 3) / 2)  # not the unpaired sqrt(se_a^2 + se_b^2)
+    assert p["loss"] == pytest.approx(3.5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the report end to end
+
+
+def test_zero_energies_give_the_uniform_answer(trained, tmp_path, capsys):
+    """With every energy 0, System 1 is uniform and thinking keeps it so: every loss is ln V, adaptive stops
+    after one step, energies are all tied (auroc 1/2); eval.json holds the six parts, the markdown each heading."""
+    ckpt, ood = trained
+    zero, V = edited_checkpoint(ckpt, tmp_path / "zero", lambda sd: sd["energy_head.weight"].zero_())
+    capsys.readouterr()
+    r = eval_mod.main_eval(eval_cfg(zero, ood))
+    out = capsys.readouterr().out
+    lnV = math.log(V)
+
+    assert V == len(set(ALPHABET))
+    assert r["uniform_loss"] == pytest.approx(lnV, abs=1e-12)
+    assert r["tokens"] == REPORT_TOKENS and r["tune_tokens"] == TUNE_TOKENS
+    assert [row["think_steps"] for row in r["think_sweep"]] == [0, 1, 2]
+    for row in r["think_sweep"]:
+        assert row["loss"] == pytest.approx(lnV, abs=1e-6)
+        assert row["delta"] == pytest.approx(0.0, abs=1e-9)
+    t = r["temperature_control"]
+    for key in ("s1", "s2", "s1_at_temperature", "s2_at_temperature"):
+        assert t[key]["loss"] == pytest.approx(lnV, abs=1e-6), key
+    assert [row["samples"] for row in r["self_verification"]] == [1, 2]
+    for row in r["self_verification"]:
+        assert row["loss"] == pytest.approx(lnV, abs=1e-6)
+        assert row["random_start_chosen"] == 0.0  # uniform has the lowest free energy -tau H of any start
+    u = r["uncertainty"]
+    for score in ("energy", "free_energy", "max_prob"):
+        assert u[score]["auroc"] == pytest.approx(0.5, abs=1e-12), score
+    assert 0 < u["error_rate"] < 1
+    (row,) = r["adaptive"]
+    assert row["mean_steps"] == 1.0 and row["max_steps"] == 2 and row["fixed_steps"] == 1
+    assert row["loss"] == pytest.approx(lnV, abs=1e-6)
+    o = r["ood"]
+    assert o["ood_text"]["dropped_chars"] == 300
+    kept = len(OOD_TEXT) - 300
+    assert o["ood_text"]["tokens"] == (kept - 1) // 16 * 16
+    assert o["corrupted_val"]["tokens"] == REPORT_TOKENS
+    for name in ("val", "ood_text", "corrupted_val"):
+        for row in o[name]["sweep"]:
+            assert row["loss"] == pytest.approx(lnV, abs=1e-6), name
+
+    written = json.loads((tmp_path / "zero" / "eval.json").read_text())
+    assert {k for k, v in written.items() if isinstance(v, (dict, list))} == PARTS
+    assert all(isinstance(v, (str, int, float)) for k, v in written.items() if k not in PARTS)
+    assert written["think_sweep"] == r["think_sweep"]
+    for heading in HEADINGS:
+        assert heading in out, heading
+
+
+def test_zero_energies_error_rate_is_share_of_non_first_symbol(trained, tmp_path):
+    """Uniform logits predict id 0 (argmax takes the first): the error rate is the share of other targets."""
+    ckpt, ood = trained
+    zero, _ = edited_checkpoint(ckpt, tmp_path / "zero", lambda sd: sd["energy_head.weight"].zero_())
+    r = eval_mod.evaluate_checkpoint(eval_cfg(zero, ood, "sweep=[0]", "samples=[1]", "epsilons=[]"))
+    ck = torch.load(ckpt, weights_only=True)
+    text = ck["config"]["data"]["data_path"]
+    chars = ck["vocab"]
+    ids = torch.tensor([chars.index(c) for c in open(text, encoding="utf-8").read()])
+    x, y = eval_mod.windows(ids[int(0.9 * len(ids)):], 16, 2048)
+    report = y[torch.arange(x.size(0)) % 5 != 0].reshape(-1)
+    assert r["uncertainty"]["error_rate"] == pytest.approx((report != 0).double().mean().item(), abs=1e-12)
+
+
+def test_report_is_consistent_across_parts(trained_result):
+    """Known identities between the parts of a trained model's report: K=0 is System 1, M=1 is plain thinking,
+    adaptive with a huge epsilon is K=1 and with a tiny one is K=max."""
+    r = trained_result
+    sweep = {row["think_steps"]: row for row in r["think_sweep"]}
+    assert r["tokens"] == REPORT_TOKENS and r["tune_tokens"] == TUNE_TOKENS
+    assert sweep[0]["delta"] == 0.0 and sweep[0]["delta_se"] == 0.0
+    assert sweep[2]["loss"] != sweep[0]["loss"]  # thinking does something on this model
+    t = r["temperature_control"]
+    assert r["think_steps"] == t["think_steps"] == 2  # the model's think_steps
+    assert t["s1"]["loss"] == pytest.approx(sweep[0]["loss"], abs=1e-9)
+    assert t["s2"]["loss"] == pytest.approx(sweep[2]["loss"], abs=1e-9)
+    assert t["s2"]["delta"] == pytest.approx(sweep[2]["delta"], abs=1e-9)
+    assert t["s1_at_temperature"]["loss"] <= t["s1"]["loss"] + 0.01  # chosen on another slice: near-best
+    m1 = r["self_verification"][0]
+    assert m1["samples"] == 1 and m1["random_start_chosen"] == 0.0 and m1["delta"] == 0.0
+    assert m1["loss"] == pytest.approx(t["s2"]["loss"], abs=1e-9)
+    huge, tiny = r["adaptive"]
+    assert huge["epsilon"] == 1e9 and huge["mean_steps"] == 1.0 and huge["fixed_steps"] == 1
+    assert huge["loss"] == pytest.approx(sweep[1]["loss"], abs=1e-9)
+    assert tiny["mean_steps"] == 2.0 and tiny["fixed_steps"] == 2
+    assert tiny["loss"] == pytest.approx(sweep[2]["loss"], abs=1e-9)
+    assert tiny["fixed"]["loss"] == pytest.approx(sweep[2]["loss"], abs=1e-9)
+    assert r["ood"]["val"]["sweep"] == r["think_sweep"]
+    for name in ("val", "ood_text", "corrupted_val"):
+        o = r["ood"][name]
+        best = min(o["sweep"], key=lambda row: row["loss"])
+        assert o["best_think_steps"] == best["think_steps"]
+        assert o["gain"] == pytest.approx(-best["delta"], abs=1e-12) and o["gain"] >= 0
+    assert r["ood"]["corrupted_val"]["sweep"][0]["loss"] != sweep[0]["loss"]  # 5% substituted: not val
+
+
+def test_corrupt_zero_copies_val(trained):
+    """corrupt=0: the corrupted copy of val is val itself, so its sweep equals the think sweep."""
+    ckpt, ood = trained
+    r = eval_mod.evaluate_checkpoint(eval_cfg(ckpt, ood, "corrupt=0.0", "samples=[1]", "epsilons=[]"))
+    assert figures(r["ood"]["corrupted_val"]["sweep"]) == figures(r["think_sweep"])
+
+
+def test_two_runs_give_identical_figures(trained, trained_result):
+    """Two evaluations of the same checkpoint agree exactly in every figure but the timings."""
+    ckpt, ood = trained
+    again = eval_mod.evaluate_checkpoint(eval_cfg(ckpt, ood, "epsilons=[1e9,1e-30]"))
+    a, b = figures(trained_result), figures(again)
+    assert a.keys() == b.keys()
+    assert len(a) > 100
+    assert {k: v for k, v in a.items() if a[k] != b[k]} == {}
+
+
+def test_doubling_energies_doubles_the_s1_temperature(trained, trained_result, tmp_path):
+    """2 * energy_head.weight doubles System 1's chosen temperature and leaves its tempered loss unchanged."""
+    ckpt, ood = trained
+    doubled, _ = edited_checkpoint(ckpt, tmp_path / "x2", lambda sd: sd["energy_head.weight"].mul_(2))
+    r = eval_mod.evaluate_checkpoint(eval_cfg(doubled, ood, "sweep=[0]", "samples=[1]", "epsilons=[]"))
+    a, b = trained_result["temperature_control"], r["temperature_control"]
+    assert 0.05 < a["s1_temperature"] < 20  # an interior optimum, not the search's bound
+    assert b["s1_temperature"] == pytest.approx(2 * a["s1_temperature"], rel=1e-3)
+    assert b["s1_at_temperature"]["loss"] == pytest.approx(a["s1_at_temperature"]["loss"], abs=1e-6)
+    assert abs(b["s1"]["loss"] - a["s1"]["loss"]) > 1e-3  # the raw System 1 did change
+
+
+# ---------------------------------------------------------------------------------------------------
+# bad input and side effects
+
+
+@pytest.mark.parametrize("override", ["sweep=[-1]", "samples=[0]", "sweep=[]", "samples=[]"])
+def test_bad_sweep_or_samples(override, trained):
+    """A negative think_steps in sweep, samples < 1 or an empty list is a UserError."""
+    ckpt, ood = trained
+    with pytest.raises(UserError):
+        eval_mod.evaluate_checkpoint(eval_cfg(ckpt, ood, override))
+
+
+def test_missing_ood_text_names_it(trained, tmp_path):
+    """A missing ood_text is a UserError naming the file, and no eval.json is written."""
+    ckpt, _ = trained
+    missing = tmp_path / "no_such_file.txt"
+    run = tmp_path / "run"
+    copy, _ = edited_checkpoint(ckpt, run, lambda sd: None)
+    with pytest.raises(UserError, match="no_such_file.txt"):
+        eval_mod.main_eval(eval_cfg(copy, missing, "sweep=[0]", "samples=[1]", "epsilons=[]"))
+    assert not (run / "eval.json").exists()
+
+
+def test_evaluate_leaves_grad_mode_alone(trained):
+    """evaluate_checkpoint leaves torch's global grad mode as it found it (a caller may train afterwards)."""
+    ckpt, ood = trained
+    torch.set_grad_enabled(True)
+    try:
+        eval_mod.evaluate_checkpoint(eval_cfg(ckpt, ood, "sweep=[0]", "samples=[1]", "epsilons=[]"))
+        assert torch.is_grad_enabled()
+    finally:
+        torch.set_grad_enabled(True)

@@ -1,0 +1,148 @@
+"""
+Plots of what thinking does: `uv run --extra plots viz.py checkpoint=out_ebt/final.pt evals='[out_ebt/eval.json]'`.
+matplotlib is an optional extra (`--extra plots`), so the core install stays small. Writes PNGs to out_dir:
+
+  think_sweep.png     val loss against think steps, one line per eval.json (from `uv run eval.py`)
+  think_descent.png   the free energy F(z_k) along the think steps at a few val positions (checkpoint)
+  candidates.png      the candidate distribution p before and after thinking at one val position (checkpoint)
+"""
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+import hydra
+import torch
+from hydra.core.config_store import ConfigStore
+
+from data import load_text
+from ebm import energy_free_energy, make_energy, think
+from sample import load_model
+from util import UserError, check_overrides, pick_device, run
+
+
+@dataclass
+class VizConfig:
+    checkpoint: Optional[str] = "out_ebt/final.pt"  # for think_descent.png and candidates.png (null: skip)
+    evals: List[str] = field(default_factory=list)  # eval.json files for think_sweep.png
+    out_dir: str = "assets"
+    think_steps: int = 16  # steps drawn in think_descent.png; candidates.png shows the model's think_steps
+    positions: int = 6  # val positions in think_descent.png
+    top: int = 12  # candidates shown in candidates.png
+    seed: int = 1337  # which val positions
+    device: str = "auto"
+
+
+ConfigStore.instance().store(name="viz_schema", node=VizConfig)
+
+
+def plot_sweep(plt, evals, path):
+    for file in evals:
+        if not Path(file).is_file():
+            raise UserError(f"{file} not found: write it with `uv run eval.py checkpoint=...`")
+    results = [json.loads(Path(file).read_text()) for file in evals]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in results:
+        rows = r["think_sweep"]
+        label = f"{r['energy']} (trained K={r['model_think_steps']}, {Path(r['checkpoint']).parent.name})"
+        ax.plot([row["think_steps"] for row in rows], [row["loss"] for row in rows], marker="o", label=label)
+    ax.set_xscale("symlog", linthresh=1)
+    ks = sorted({row["think_steps"] for r in results for row in r["think_sweep"]})
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.set_xlabel("think steps K")
+    ax.set_ylabel("val loss (nats)")
+    ax.set_title("val loss against think steps")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def descend(model, x, steps):
+    """Logits z_0..z_K (K + 1, T, V) and free energies F(z_k) (K + 1, T) along the think loop on window x."""
+    cfg = model.config
+    caches = model.new_caches(1) if cfg.energy == "transformer" else None
+    h = model(x, caches)
+    e = model.energies(h)
+    energy = make_energy(model, h, e, caches)
+    zs = think(-e / cfg.softmax_temperature, energy, steps, model.think_lr(), cfg.entropy_weight, cfg.think_max_move)
+    free = torch.stack([energy_free_energy(z, energy, cfg.entropy_weight)[1] for z in zs])
+    return torch.stack(zs)[:, 0], free[:, 0]
+
+
+def visualise(cfg: VizConfig):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("matplotlib is not installed: run with `uv run --extra plots viz.py ...`") from None
+    if cfg.think_steps < 1 or cfg.positions < 1 or cfg.top < 1:
+        raise UserError("think_steps, positions and top must be >= 1")
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    if cfg.evals:
+        plot_sweep(plt, cfg.evals, out / "think_sweep.png")
+        written.append(out / "think_sweep.png")
+    if cfg.checkpoint:
+        model, vocab, run_cfg = load_model(cfg.checkpoint, pick_device(cfg.device))
+        ids = torch.tensor(vocab.encode(load_text(run_cfg["data"]["data_path"])), dtype=torch.long)
+        val = ids[int(0.9 * len(ids)) :]
+        T = model.config.block_size
+        gen = torch.Generator().manual_seed(cfg.seed)
+        start = int(torch.randint(len(val) - T - 1, (), generator=gen))
+        x, y = val[start : start + T], val[start + 1 : start + T + 1]
+        zs, free = descend(model, x.view(1, -1).to(model.energy_head.weight.device), cfg.think_steps)
+        zs, free = zs.cpu(), free.cpu()
+        picks = torch.randperm(T, generator=gen)[: cfg.positions].sort().values
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for t in picks.tolist():
+            label = f"t={t}: {vocab.decode(x[max(0, t - 8) : t + 1].tolist())!r} -> {vocab.chars[int(y[t])]!r}"
+            ax.plot(range(cfg.think_steps + 1), free[:, t] - free[0, t], marker=".", label=label)
+        ax.set_xlabel("think step k")
+        ax.set_ylabel("F(z_k) - F(z_0)")
+        ax.set_title(f"free energy along the think loop ({model.config.energy} energy)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "think_descent.png", dpi=110)
+        plt.close(fig)
+        written.append(out / "think_descent.png")
+
+        K = model.config.think_steps
+        t = int(picks[0])
+        p0, pk = zs[0, t].softmax(-1), zs[min(K, cfg.think_steps), t].softmax(-1)
+        top = torch.maximum(p0, pk).topk(cfg.top).indices
+        names = [{" ": "space", "\n": "\\n"}.get(vocab.chars[i], vocab.chars[i]) for i in top.tolist()]
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        ax.bar([i - 0.2 for i in range(cfg.top)], p0[top], width=0.4, label="System 1 (p_0)")
+        ax.bar([i + 0.2 for i in range(cfg.top)], pk[top], width=0.4, label=f"after K={min(K, cfg.think_steps)} steps")
+        ax.set_xticks(range(cfg.top), names)
+        truth = vocab.chars[int(y[t])]
+        ax.set_title(f"candidates for the next char after {vocab.decode(x[max(0, t - 16) : t + 1].tolist())!r} "
+                     f"(true: {truth!r})", fontsize=9)
+        ax.set_ylabel("probability")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "candidates.png", dpi=110)
+        plt.close(fig)
+        written.append(out / "candidates.png")
+    if not written:
+        raise UserError("nothing to plot: pass checkpoint=PATH and/or evals='[a/eval.json,b/eval.json]'")
+    print("wrote " + ", ".join(str(p) for p in written))
+    return written
+
+
+@hydra.main(version_base="1.3", config_path="config", config_name="viz")
+def main(cfg):
+    run(visualise, cfg)
+
+
+if __name__ == "__main__":
+    check_overrides("viz", sys.argv[1:])
+    main()
