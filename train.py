@@ -317,12 +317,12 @@ def train_processes(cfg: RunConfig, procs: Processes):
             scaler.load_state_dict(ckpt["scaler"])
         rng, saved = ckpt["rng"], len(ckpt["rng"]["torch"])
         if procs.rank < saved:  # rank r continues the RNG and chains of rank r (one process: those of rank 0)
-            torch.set_rng_state(rng["torch"][procs.rank])
+            torch.set_rng_state(rng["torch"][procs.rank].cpu())  # (map_location moved them to the device)
             if device_type == "cuda" and "cuda" in rng:
-                torch.cuda.set_rng_state(rng["cuda"][procs.rank])
+                torch.cuda.set_rng_state(rng["cuda"][procs.rank].cpu())
             if state is not None:
                 state.load_state_dict(ckpt["chains"][procs.rank])
-        batch_gen.set_state(rng["batch"])
+        batch_gen.set_state(rng["batch"].cpu())
         step, best_val, elapsed = ckpt["step"], ckpt["best_val"], ckpt["elapsed"]
         if master:
             print(f"resuming from {out_dir / 'ckpt.pt'} at step {step}")
