@@ -97,10 +97,16 @@ class Dataset:
             raise UserError(f"data.block_size={block_size} does not fit the data (the val split has "
                             f"{len(self.splits['val'])} characters); use a block size below {shortest}")
 
-    def batch(self, split, batch_size, generator=None, device="cpu"):
-        """Random windows x (B, T) and their next tokens y (B, T)."""
+    def batch(self, split, batch_size, generator=None, device="cpu", rank=0, world=1):
+        """
+        Random windows x (B, T) and their next tokens y (B, T). With world processes each one draws the same
+        batch_size windows (the generator advances alike everywhere) and keeps its own contiguous share of
+        batch_size // world: the processes see different windows, and together exactly those of one process.
+        """
         data = self.splits[split]
         ix = torch.randint(len(data) - self.block_size, (batch_size,), generator=generator)
+        share = batch_size // world
+        ix = ix[rank * share : (rank + 1) * share]
         offsets = ix[:, None] + torch.arange(self.block_size)  # (B, T)
         x, y = data[offsets], data[offsets + 1]
         if torch.device(device).type == "cuda":  # pinned memory lets the copy overlap the compute

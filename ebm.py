@@ -302,7 +302,9 @@ def losses(model, idx, targets, state=None, think_steps=None):
         idx, targets, z_start, slots = state.replay_draw(idx, targets, cfg.replay_frac)
     caches = model.new_caches(idx.size(0)) if cfg.energy == "transformer" else None
     h = model(idx, caches)  # (B, T, d): the only pass over the observed tokens
-    e = model.energies(h)  # (B, T, V)
+    # in the weights' dtype (float32) even under autocast (train.dtype): the think steps add small moves to
+    # logits and take softmaxes and logs of them, which bfloat16's 8 bits of mantissa would round away
+    e = model.energies(h).to(model.energy_head.weight.dtype)  # (B, T, V)
     samples = 1 if model.training else cfg.think_samples
     zs = system2_logits(model, h, e, K, caches, samples, training=model.training, z_start=z_start)
     if replay:
@@ -337,7 +339,7 @@ def total_loss(cfg, terms, think_steps=None):
 @torch.no_grad()
 def next_logits(model, h, think_steps, topk=0, caches=None, samples=1):
     """Logits (B, V) for the next token from the last hidden state h (B, 1, d): System 1, then thinking."""
-    e = model.energies(h)  # (B, 1, V)
+    e = model.energies(h).to(model.energy_head.weight.dtype)  # (B, 1, V), as in losses
     return system2_logits(model, h, e, think_steps, caches, samples, topk=topk)[-1][:, -1]
 
 

@@ -1,4 +1,5 @@
-"""What train.py and sample.py share: one-line errors, device choice, and safe checkpoints."""
+"""What train.py and sample.py share: one-line errors, device choice, safe checkpoints, and the processes
+of a torchrun run."""
 
 import os
 import sys
@@ -6,6 +7,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 
 class UserError(Exception):
@@ -13,7 +15,8 @@ class UserError(Exception):
 
 
 def fail(message):
-    print(f"error: {message}", file=sys.stderr)
+    if message is not None:
+        print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -21,12 +24,15 @@ def run(fn, cfg):
     """Call fn on the typed config (the dataclass) so that a UserError prints one line, not a traceback."""
     from omegaconf import OmegaConf
 
+    # under torchrun every process meets the same error (same config, data and checkpoint; stops are agreed
+    # on by all_reduce), so rank 0 alone prints it
+    quiet = int(os.environ.get("RANK", "0")) > 0
     try:
         return fn(OmegaConf.to_object(cfg))
     except UserError as err:
-        fail(err)
+        fail(None if quiet else err)
     except KeyboardInterrupt:  # before training started, or while sampling: nothing to save
-        fail("interrupted")
+        fail(None if quiet else "interrupted")
 
 
 def check_overrides(config_name, args):
@@ -102,3 +108,60 @@ def load_checkpoint(path, map_location="cpu"):
         raise UserError(f"checkpoint {path} is not a nanoEBM checkpoint (it lacks {sorted(required)}); "
                         "pass one written by train.py")
     return ckpt
+
+
+class Processes:
+    """
+    The processes of a run: one (`uv run train.py`), or WORLD_SIZE under torchrun, each with its rank.
+    Joins the process group: nccl on CUDA (LOCAL_RANK picks the GPU), gloo on CPU. Rank 0 is the master:
+    it alone logs and writes files. Small flags travel over a gloo group on the CPU, so that checking one
+    every step never waits for the GPU.
+    """
+
+    def __init__(self, device_name="auto"):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.device = pick_device(device_name)
+        if self.world == 1:
+            return
+        device_type = torch.device(self.device).type
+        if device_type == "mps":
+            raise UserError("several processes need a process-group backend, and none handles MPS tensors: "
+                            "train in one process (uv run train.py) or pass train.device=cpu")
+        if device_type == "cuda":
+            self.device = f"cuda:{os.environ['LOCAL_RANK']}"
+            torch.cuda.set_device(self.device)
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        self.flags = dist.new_group(backend="gloo") if device_type == "cuda" else dist.group.WORLD
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    def any(self, flag):
+        """True on every process if flag is true on any (one CPU all_reduce; free with one process)."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor(int(flag))
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.flags)
+        return bool(t)
+
+    def mean(self, t):
+        """The mean of tensor t over the processes (a new tensor; t itself is left as it is)."""
+        if self.world == 1:
+            return t
+        t = t.clone()
+        dist.all_reduce(t)
+        return t / self.world
+
+    def gather(self, obj):
+        """[obj of rank 0, obj of rank 1, ...] on every process (plain data and CPU tensors)."""
+        if self.world == 1:
+            return [obj]
+        objs = [None] * self.world
+        dist.all_gather_object(objs, obj)
+        return objs
+
+    def close(self):
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -11,6 +11,7 @@ import random
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -92,6 +93,15 @@ def cli(args, cwd=None, env=None, timeout=180, uv=False):
     else:
         cmd = [sys.executable, *args]
     return subprocess.run(cmd, cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def wait_for(predicate, proc, timeout=90):
+    """Poll until predicate() holds, failing if the process proc ends first or the timeout passes."""
+    t0 = time.time()
+    while not predicate():
+        assert proc.poll() is None, proc.returncode
+        assert time.time() - t0 < timeout, "timed out"
+        time.sleep(0.05)
 
 
 def error_lines(stderr):

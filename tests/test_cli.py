@@ -190,7 +190,7 @@ def test_seed_compile_command_runs(compiled_run):
     assert sorted(os.listdir(out)) == ["run"]  # the working directory: nothing but out_dir
     assert (out / "run" / "wandb").is_dir()
     ckpt = load_ckpt(out / "run" / "ckpt.pt")
-    assert ckpt["chains"]["chains"].shape[0] == 500
+    assert ckpt["chains"][0]["chains"].shape[0] == 500
 
 
 def test_compiled_checkpoint_loads_in_sampler(compiled_run, capsys):
@@ -281,6 +281,8 @@ DOCUMENTED = {  # override -> (attribute path, expected value)
     "train.max_steps=10000": ("train.max_steps", 10000),
     "train.learning_rate=6e-4": ("train.learning_rate", 6e-4),
     "train.compile=true": ("train.compile", True),
+    "train.grad_accum_steps=4": ("train.grad_accum_steps", 4),
+    "train.dtype=bfloat16": ("train.dtype", "bfloat16"),
     "wandb_project=nanoebm": ("wandb_project", "nanoebm"),
     "wandb_name=h100_8L_512d_pcd10_shakespeare": ("wandb_name", "h100_8L_512d_pcd10_shakespeare"),
     "out_dir=somewhere": ("out_dir", "somewhere"),
@@ -302,6 +304,7 @@ def test_every_documented_train_key_lands():
     assert (d.model.softmax_temperature, d.model.entropy_weight, d.model.aux_ce_weight) == (1.0, 0.1, 0.1)
     assert (d.model.think_steps, d.model.think_lr, d.model.think_max_move) == (2, 0.5, 0.25)
     assert d.model.mixture_stopgrad is True and d.train.compile is False
+    assert (d.train.grad_accum_steps, d.train.dtype) == (1, "float32")
 
 
 def test_every_documented_sample_key_lands():
@@ -367,6 +370,9 @@ def bad_runs(tmp_path_factory):
         "n_embd_not_divisible": (["train.py", *tiny, "model.n_embd=30", "model.n_head=4"], {}),
         "negative_think_steps": (["train.py", *tiny, "model.think_steps=-1"], {}),
         "negative_max_steps": (["train.py", *tiny, "train.max_steps=-5"], {}),
+        "unknown_dtype": (["train.py", *tiny, "train.dtype=foo"], {}),
+        "zero_grad_accum_steps": (["train.py", *tiny, "train.grad_accum_steps=0"], {}),
+        "float16_on_cpu": (["train.py", *tiny, "train.dtype=float16", "train.device=cpu"], {}),
         "block_longer_than_data": (["train.py", *tiny, f"data.data_path={short}", "data.block_size=64"], {}),
         "missing_data": (["train.py", *tiny, "data.data_path=/nonexistent/x.txt"], {}),
         "missing_shakespeare_no_network": (["train.py", *tiny, f"data.data_path={missing_shakespeare}"], no_net),
@@ -406,6 +412,9 @@ BAD = {  # case -> substrings the one error line must contain
     "n_embd_not_divisible": ["n_embd", "n_head"],
     "negative_think_steps": ["think_steps"],
     "negative_max_steps": ["max_steps"],
+    "unknown_dtype": ["train.dtype=foo", "bfloat16"],
+    "zero_grad_accum_steps": ["train.grad_accum_steps=0", ">= 1"],
+    "float16_on_cpu": ["train.dtype=float16", "CUDA", "train.dtype=bfloat16"],
     "block_longer_than_data": ["block_size"],
     "missing_data": ["/nonexistent/x.txt"],
     "missing_shakespeare_no_network": ["shakespeare.txt", "download"],

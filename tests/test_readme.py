@@ -2,6 +2,9 @@
 
 import re
 import shlex
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -64,6 +67,12 @@ def test_readme_command_runs(words, tmp_path, tiny_checkpoint, capsys, monkeypat
         args = [f"checkpoint={tiny_checkpoint}" if a.startswith("checkpoint=") else a for a in args]
         texts = run_sample(args + ["max_new_tokens=8"], capsys)
         assert texts and all(len(t) > 8 for t in texts)
+    elif script == "torchrun":  # a real multi-process run (tests/test_distributed.py checks what it does)
+        assert "train.py" in args, words
+        torchrun = Path(sys.executable).parent / "torchrun"
+        r = subprocess.run([str(torchrun), *args, *TINY, *out], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert (tmp_path / "final.pt").exists() and "processes" in r.stdout
     elif script == "bench.py":
         result = bench_mod.bench(compose_cfg("bench", args + TINY + TINY_BENCH + out))
         assert all(t["ratio"] > 0 for t in result["train"].values()) and (tmp_path / "bench.json").exists()
