@@ -5,9 +5,11 @@ What thinking costs, measured side by side: `uv run bench.py [train overrides] [
    (0, K, 0, K, ...) so that a noisy machine slows both alike; the median of bench.repeats windows.
 2. Model FLOPs utilisation: the achieved FLOP/s of training at think_steps 0 (the configured energy) as a
    fraction of a matmul peak measured here, on the same machine, a moment before.
-3. Generation tokens/s (greedy, batch 1) with and without the KV cache, System 1 and thinking with
+3. Training tokens/s of the configured model at think_steps K in float32 eager, compiled
+   (train.compile, with bench.compile) and bfloat16 (train.dtype; float16 too on CUDA), interleaved.
+4. Generation tokens/s (greedy, batch 1) with and without the KV cache, System 1 and thinking with
    bench.gen_think_steps, eager and (bench.compile) compiled.
-4. Peak memory: the process's peak resident set on CPU, peak allocated memory per setting on CUDA.
+5. Peak memory: the process's peak resident set on CPU, peak allocated memory per setting on CUDA.
 bench.profile=true prints where the time of a training step goes (torch.profiler, by operator).
 Prints tables and writes bench.json (in out_dir).
 """
@@ -27,7 +29,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 
 from ebm import generate
-from train import RunConfig, setup, train_step
+from train import RunConfig, check_dtype, compiled, grad_scaler, setup, train_step
 from util import UserError, check_overrides, run
 
 
@@ -40,7 +42,8 @@ class BenchConfig:
     warmup: int = 5  # untimed steps first (allocator, caches)
     gen_think_steps: int = 4  # generation: thinking with this many steps, next to System 1
     gen_tokens: int = 256  # tokens per generation measurement
-    compile: bool = True  # also time compiled generation (compiling takes a while, once)
+    compile: bool = True  # also time compiled training and generation (compiling takes a while, once)
+    dtypes: List[str] = field(default_factory=lambda: ["bfloat16"])  # mixed precision timed against float32
     profile: bool = False  # print a torch.profiler table of training steps at think_steps 0
 
 
@@ -133,6 +136,43 @@ def bench_training(cfg, energy, b):
     return out, (device, data, model, optimizer, state, batches)
 
 
+def bench_variants(cfg, b, model, optimizer, state, batches, device):
+    """Training tokens/s at think_steps b.think_steps: float32 eager, compiled, and each of b.dtypes."""
+    device_type = torch.device(device).type
+    variants = {"float32 eager": (model, cfg)}
+    if b.compile:
+        c = copy.deepcopy(cfg)
+        c.train.compile = True
+        variants["float32 compiled"] = (compiled(model, c), cfg)
+    for dtype in b.dtypes:
+        c = copy.deepcopy(cfg)
+        c.train.dtype = dtype
+        check_dtype(dtype, device_type)  # one line if this device cannot
+        variants[f"{dtype} eager"] = (model, c)
+    tokens = b.steps * cfg.data.batch_size * cfg.data.block_size
+
+    def window(name, n):
+        fwd, c = variants[name]
+        scaler = grad_scaler(c.train.dtype, device_type)
+        sync(device)
+        t0 = time.perf_counter()
+        for i in range(n):
+            x, y = batches[i % len(batches)]
+            train_step(fwd, optimizer, x, y, state, c, think_steps=b.think_steps, scaler=scaler)
+        sync(device)
+        return time.perf_counter() - t0
+
+    out = {name: {"first_steps_s": window(name, max(b.warmup, 2))} for name in variants}  # (compiles here)
+    times = {name: [] for name in variants}
+    for _ in range(b.repeats):
+        for name in variants:
+            times[name].append(window(name, b.steps))
+    for name in variants:
+        med = statistics.median(times[name])
+        out[name].update({"tokens_per_s": tokens / med, "ms_per_step": 1000 * med / b.steps, "runs_s": times[name]})
+    return out
+
+
 def profile_training(model, optimizer, state, cfg, batches, steps=5):
     """Where a training step's time goes, by operator (torch.profiler), at think_steps 0."""
     from torch.profiler import ProfilerActivity, profile
@@ -190,6 +230,7 @@ def bench(cfg: BenchRun):
         "mfu": {"train_flops_per_token": per_token, "achieved_flops": achieved, "matmul_peak_flops": peak,
                 "fraction_of_peak": achieved / peak},
     })
+    result["variants"] = bench_variants(cfg, b, model, optimizer, state, batches, device)
     if b.profile:
         result["profile"] = profile_training(model, optimizer, state, cfg, batches)
     result["generate"] = bench_generation(model, data, cfg, b, device)
@@ -215,6 +256,9 @@ def report(r, b):
     out += ["", f"model FLOPs utilisation at K=0: {m['achieved_flops'] / 1e9:.1f} GFLOP/s achieved "
             f"({m['train_flops_per_token'] / 1e6:.2f} MFLOP/token) of a measured {m['matmul_peak_flops'] / 1e9:.1f} "
             f"GFLOP/s matmul peak = {m['fraction_of_peak']:.1%}"]
+    out += ["", f"| training at K={b.think_steps} ({r['energy']}) | tokens/s | ms/step | first steps s |", "|---|---|---|---|"]
+    for name, v in r["variants"].items():
+        out.append(f"| {name} | {v['tokens_per_s']:.0f} | {v['ms_per_step']:.1f} | {v['first_steps_s']:.1f} |")
     if "profile" in r:
         out += ["", "where a training step's time goes (think_steps=0):", r["profile"]]
     out += ["", "| generation (greedy, batch 1) | tokens/s | first call s | peak memory MB |", "|---|---|---|---|"]
