@@ -429,6 +429,8 @@ def train_processes(cfg: RunConfig, procs: Processes):
                 checkpoint("ckpt.pt")
         checkpoint("final.pt")
     finally:
+        fwd = None  # the DDP wrapper goes before its process group (train() destroys that next): a reducer
+        # outliving its group can abort the process at exit, and an exception's traceback would keep it alive
         bar.close()
         stop.restore()
         if metrics_file is not None:
