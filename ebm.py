@@ -287,6 +287,13 @@ def contrastive_loss(cfg, h, e, targets, state=None):
 # the losses of one batch, from one transformer pass
 
 
+def observe(model, idx):
+    """One pass over the tokens idx (B, T): h (B, T, d), and for the transformer energy the per-layer KV cache
+    that its candidate slots read while thinking (otherwise None)."""
+    caches = model.new_caches(idx.size(0)) if model.config.energy == "transformer" else None
+    return model(idx, caches), caches
+
+
 def losses(model, idx, targets, state=None, think_steps=None):
     """
     Per-position loss terms (each (B, T)) for tokens idx and next tokens targets:
@@ -300,8 +307,7 @@ def losses(model, idx, targets, state=None, think_steps=None):
     z_start = slots = None
     if replay:  # some rows are windows seen before: their thinking resumes where it stopped
         idx, targets, z_start, slots = state.replay_draw(idx, targets, cfg.replay_frac)
-    caches = model.new_caches(idx.size(0)) if cfg.energy == "transformer" else None
-    h = model(idx, caches)  # (B, T, d): the only pass over the observed tokens
+    h, caches = observe(model, idx)  # (B, T, d): the only pass over the observed tokens
     # in the weights' dtype (float32) even under autocast (train.dtype): the think steps add small moves to
     # logits and take softmaxes and logs of them, which bfloat16's 8 bits of mantissa would round away
     e = model.energies(h).to(model.energy_head.weight.dtype)  # (B, T, V)

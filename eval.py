@@ -33,7 +33,7 @@ from hydra.core.config_store import ConfigStore
 from torch.nn import functional as F
 
 from data import load_text, resolve_path
-from ebm import energy_free_energy, make_energy, system2_logits, think
+from ebm import energy_free_energy, make_energy, observe, system2_logits, think
 from sample import load_model
 from util import UserError, check_overrides, pick_device, run
 
@@ -169,8 +169,7 @@ class Runner:
 
     def forward(self, x):
         """Hidden states, energies and (for the transformer energy) the observed stream's KV cache."""
-        caches = self.model.new_caches(x.size(0)) if self.model.config.energy == "transformer" else None
-        h = self.model(x, caches)  # (b, T, d)
+        h, caches = observe(self.model, x)  # (b, T, d)
         return h, self.model.energies(h), caches
 
     def sync(self):

@@ -18,7 +18,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 
 from data import load_text
-from ebm import energy_free_energy, make_energy, think
+from ebm import energy_free_energy, make_energy, observe, think
 from sample import load_model
 from util import UserError, check_overrides, pick_device, run
 
@@ -64,8 +64,7 @@ def plot_sweep(plt, evals, path):
 def descend(model, x, steps):
     """Logits z_0..z_K (K + 1, T, V) and free energies F(z_k) (K + 1, T) along the think loop on window x."""
     cfg = model.config
-    caches = model.new_caches(1) if cfg.energy == "transformer" else None
-    h = model(x, caches)
+    h, caches = observe(model, x)
     e = model.energies(h)
     energy = make_energy(model, h, e, caches)
     zs = think(-e / cfg.softmax_temperature, energy, steps, model.think_lr(), cfg.entropy_weight, cfg.think_max_move)
