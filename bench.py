@@ -39,7 +39,7 @@ class BenchConfig:
     energies: List[str] = field(default_factory=lambda: ["linear", "mixture", "transformer"])
     steps: int = 10  # training steps per timed window
     repeats: int = 5  # timed windows per setting; the median is reported
-    warmup: int = 5  # untimed steps first (allocator, caches)
+    warmup: int = 5  # untimed steps first (allocator, caches, compiling)
     gen_think_steps: int = 4  # generation: thinking with this many steps, next to System 1
     gen_tokens: int = 256  # tokens per generation measurement
     compile: bool = True  # also time compiled training and generation (compiling takes a while, once)
@@ -100,8 +100,39 @@ def train_flops_per_token(model, T):
     return 6 * (model.num_params() - embeddings) + 12 * c.n_layer * c.n_embd * T
 
 
+def interleaved(settings, optimizer, state, batches, b, device):
+    """
+    settings: name -> (model to step, its config, think_steps). Each first runs b.warmup untimed steps
+    (allocator, caches, compiling), then b.repeats windows of b.steps steps, the settings taking turns so
+    that a noisy machine slows all alike. Per name: tokens/s and ms/step of the median window.
+    """
+    device_type = torch.device(device).type
+
+    def window(name, n):
+        fwd, cfg, k = settings[name]
+        scaler = grad_scaler(cfg.train.dtype, device_type)
+        sync(device)
+        t0 = time.perf_counter()
+        for i in range(n):
+            x, y = batches[i % len(batches)]
+            train_step(fwd, optimizer, x, y, state, cfg, think_steps=k, scaler=scaler)
+        sync(device)
+        return time.perf_counter() - t0
+
+    out = {name: {"first_steps_s": window(name, b.warmup)} for name in settings}
+    times = {name: [] for name in settings}
+    for _ in range(b.repeats):
+        for name in settings:
+            times[name].append(window(name, b.steps))
+    for name, (_, cfg, _) in settings.items():
+        med = statistics.median(times[name])
+        tokens = b.steps * cfg.data.batch_size * cfg.data.block_size
+        out[name].update({"tokens_per_s": tokens / med, "ms_per_step": 1000 * med / b.steps, "runs_s": times[name]})
+    return out
+
+
 def bench_training(cfg, energy, b):
-    """tokens/s and ms/step at think_steps 0 and b.think_steps for one energy, interleaved."""
+    """tokens/s and ms/step at think_steps 0 and b.think_steps for one energy."""
     cfg = copy.deepcopy(cfg)
     cfg.model.energy = energy
     device, data, model, optimizer, state = setup(cfg)
@@ -109,28 +140,8 @@ def bench_training(cfg, energy, b):
         torch.cuda.reset_peak_memory_stats()
     gen = torch.Generator().manual_seed(cfg.train.seed)
     batches = [data.batch("train", cfg.data.batch_size, gen, device) for _ in range(b.steps)]
-    tokens = b.steps * cfg.data.batch_size * cfg.data.block_size
-
-    def window(k, n):
-        sync(device)
-        t0 = time.perf_counter()
-        for i in range(n):
-            x, y = batches[i % len(batches)]
-            train_step(model, optimizer, x, y, state, cfg, think_steps=k)
-        sync(device)
-        return time.perf_counter() - t0
-
-    settings = [0, b.think_steps]
-    for k in settings:
-        window(k, b.warmup)
-    times = {k: [] for k in settings}
-    for _ in range(b.repeats):
-        for k in settings:
-            times[k].append(window(k, b.steps))
-    out = {}
-    for k in settings:
-        med = statistics.median(times[k])
-        out[f"think_steps={k}"] = {"tokens_per_s": tokens / med, "ms_per_step": 1000 * med / b.steps, "runs_s": times[k]}
+    settings = {f"think_steps={k}": (model, cfg, k) for k in (0, b.think_steps)}
+    out = interleaved(settings, optimizer, state, batches, b, device)
     out["ratio"] = out[f"think_steps={b.think_steps}"]["tokens_per_s"] / out["think_steps=0"]["tokens_per_s"]
     out["peak_memory_mb"] = peak_memory_mb(device)
     return out, (device, data, model, optimizer, state, batches)
@@ -138,39 +149,17 @@ def bench_training(cfg, energy, b):
 
 def bench_variants(cfg, b, model, optimizer, state, batches, device):
     """Training tokens/s at think_steps b.think_steps: float32 eager, compiled, and each of b.dtypes."""
-    device_type = torch.device(device).type
-    variants = {"float32 eager": (model, cfg)}
+    settings = {"float32 eager": (model, cfg, b.think_steps)}
     if b.compile:
         c = copy.deepcopy(cfg)
         c.train.compile = True
-        variants["float32 compiled"] = (compiled(model, c), cfg)
+        settings["float32 compiled"] = (compiled(model, c), cfg, b.think_steps)
     for dtype in b.dtypes:
         c = copy.deepcopy(cfg)
         c.train.dtype = dtype
-        check_dtype(dtype, device_type)  # one line if this device cannot
-        variants[f"{dtype} eager"] = (model, c)
-    tokens = b.steps * cfg.data.batch_size * cfg.data.block_size
-
-    def window(name, n):
-        fwd, c = variants[name]
-        scaler = grad_scaler(c.train.dtype, device_type)
-        sync(device)
-        t0 = time.perf_counter()
-        for i in range(n):
-            x, y = batches[i % len(batches)]
-            train_step(fwd, optimizer, x, y, state, c, think_steps=b.think_steps, scaler=scaler)
-        sync(device)
-        return time.perf_counter() - t0
-
-    out = {name: {"first_steps_s": window(name, max(b.warmup, 2))} for name in variants}  # (compiles here)
-    times = {name: [] for name in variants}
-    for _ in range(b.repeats):
-        for name in variants:
-            times[name].append(window(name, b.steps))
-    for name in variants:
-        med = statistics.median(times[name])
-        out[name].update({"tokens_per_s": tokens / med, "ms_per_step": 1000 * med / b.steps, "runs_s": times[name]})
-    return out
+        check_dtype(dtype, torch.device(device).type)  # one line if this device cannot
+        settings[f"{dtype} eager"] = (model, c, b.think_steps)
+    return interleaved(settings, optimizer, state, batches, b, device)
 
 
 def profile_training(model, optimizer, state, cfg, batches, steps=5):

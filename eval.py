@@ -176,9 +176,10 @@ class Runner:
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    def logits(self, steps, samples=1):
-        """System 1 and thinking logits (N, V) of every token, and seconds per token for the whole pass."""
-        z0s, zks = [], []
+    def logits(self, steps, samples=1, energies=False):
+        """System 1 and thinking logits (N, V) of every token, and seconds per token for the whole pass.
+        energies: also the energy E(p_K) and free energy F(z_K) (N,) of each thinking output (else None)."""
+        z0s, zks, Es, Fs = [], [], [], []
         self.warm_up(steps, samples)
         self.sync()
         t0 = time.perf_counter()
@@ -187,32 +188,25 @@ class Runner:
             zs = system2_logits(self.model, h, e, steps, caches, samples)
             z0s.append(zs[0].flatten(0, 1).float().cpu())
             zks.append(zs[-1].flatten(0, 1).float().cpu())
+            if energies:
+                E, free = energy_free_energy(zs[-1], make_energy(self.model, h, e, caches),
+                                             self.model.config.entropy_weight)
+                Es.append(E.detach().flatten().cpu())
+                Fs.append(free.detach().flatten().cpu())
         self.sync()
-        return torch.cat(z0s), torch.cat(zks), (time.perf_counter() - t0) / self.tokens
+        final = (torch.cat(Es), torch.cat(Fs)) if energies else None
+        return torch.cat(z0s), torch.cat(zks), (time.perf_counter() - t0) / self.tokens, final
 
     def sweep(self, steps_list):
         """Loss of the prediction after K think steps for each K, paired against K = 0."""
         rows, base = [], None
         for k in steps_list:
-            z0, zk, sec = self.logits(k)
+            z0, zk, sec, _ = self.logits(k)
             losses = ce(zk, self.targets)
             if base is None:
                 base = ce(z0, self.targets)  # System 1 is the prediction at K = 0
             rows.append({"think_steps": k, **summary(losses, base), "us_per_token": 1e6 * sec})
         return rows
-
-    def final_energies(self, steps):
-        """Per token: the energy E(p_K) and free energy F(z_K) of the thinking output, and its logits."""
-        cfg = self.model.config
-        Es, Fs, zks = [], [], []
-        for x in self.batches():
-            h, e, caches = self.forward(x)
-            zk = system2_logits(self.model, h, e, steps, caches)[-1]
-            E, free = energy_free_energy(zk, make_energy(self.model, h, e, caches), cfg.entropy_weight)
-            Es.append(E.flatten().cpu())
-            Fs.append(free.flatten().cpu())
-            zks.append(zk.flatten(0, 1).float().cpu())
-        return torch.cat(Es).detach(), torch.cat(Fs).detach(), torch.cat(zks).detach()
 
     def adaptive(self, max_steps, eps):
         """Think at most max_steps; a token stops once a step changes its free energy by less than eps.
@@ -289,9 +283,9 @@ def evaluate_checkpoint(cfg: EvalConfig):
     result["think_sweep"] = report.sweep(cfg.sweep)
 
     # temperature-matched control: each prediction at the temperature that is best on the tune slice
-    z0_t, zk_t, _ = tuner.logits(K)
+    z0_t, zk_t, _, _ = tuner.logits(K)
     t1, t2 = best_temperature(z0_t, tuner.targets), best_temperature(zk_t, tuner.targets)
-    z0, zk, _ = report.logits(K)
+    z0, zk, _, (E, Fr) = report.logits(K, energies=True)
     s1, s2 = ce(z0, report.targets), ce(zk, report.targets)
     s1_t, s2_t = ce(z0 / t1, report.targets), ce(zk / t2, report.targets)
     result["temperature_control"] = {
@@ -304,19 +298,17 @@ def evaluate_checkpoint(cfg: EvalConfig):
     rows = []
     for m in cfg.samples:
         torch.manual_seed(cfg.seed)
-        _, zm, sec = report.logits(K, samples=m)
+        _, zm, sec, _ = report.logits(K, samples=m)
         rows.append({"samples": m, **summary(ce(zm, report.targets), s2), "us_per_token": 1e6 * sec,
                      "random_start_chosen": (zm != zk).any(-1).double().mean().item()})
     result["self_verification"] = rows
 
     # energy as uncertainty
-    E, Fr, zk_u = report.final_energies(K)
-    losses = ce(zk_u, report.targets)
-    wrong = zk_u.argmax(-1) != report.targets
+    wrong = zk.argmax(-1) != report.targets
     result["uncertainty"] = {
         "think_steps": K, "error_rate": wrong.double().mean().item(),
-        "energy": as_uncertainty(E, losses, wrong), "free_energy": as_uncertainty(Fr, losses, wrong),
-        "max_prob": as_uncertainty(-F.softmax(zk_u, -1).amax(-1), losses, wrong),  # the usual baseline
+        "energy": as_uncertainty(E, s2, wrong), "free_energy": as_uncertainty(Fr, s2, wrong),
+        "max_prob": as_uncertainty(-F.softmax(zk, -1).amax(-1), s2, wrong),  # the usual baseline
     }
 
     # adaptive compute
@@ -325,7 +317,7 @@ def evaluate_checkpoint(cfg: EvalConfig):
     for eps in cfg.epsilons:
         za, used = report.adaptive(max_steps, eps)
         fixed = round(used.mean().item())
-        _, zf, _ = report.logits(fixed)
+        _, zf, _, _ = report.logits(fixed)
         rows.append({"epsilon": eps, "mean_steps": used.mean().item(), "max_steps": max_steps,
                      **summary(ce(za, report.targets), s1), "fixed_steps": fixed,
                      "fixed": summary(ce(zf, report.targets), s1)})

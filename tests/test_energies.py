@@ -452,30 +452,31 @@ def record_think_calls(monkeypatch):
     return calls
 
 
+def repeat_losses(model, idx, targets, n):
+    """Run ebm.losses n times on one batch (no gradients): what the spies record is the point."""
+    with torch.no_grad():
+        for _ in range(n):
+            ebm.losses(model, idx, targets)
+
+
 def test_think_steps_random_draws_k_in_range(monkeypatch):
     """think_steps_random: in training K is drawn from 1..think_steps (several values seen); eval uses think_steps."""
     model = make_model(think_steps=4, think_steps_random=True).train()
     idx, targets = seq_batch(2, 4)
     calls = record_think_calls(monkeypatch)
     torch.manual_seed(0)
-    with torch.no_grad():
-        for _ in range(60):
-            ebm.losses(model, idx, targets)
+    repeat_losses(model, idx, targets, 60)
     ks = [k for k, _ in calls]
     assert len(ks) == 60 and set(ks) == {1, 2, 3, 4}
     calls.clear()
     model.eval()
-    with torch.no_grad():
-        for _ in range(5):
-            ebm.losses(model, idx, targets)
+    repeat_losses(model, idx, targets, 5)
     assert [k for k, _ in calls] == [4] * 5
     # off: always think_steps in training too
     calls.clear()
     model.config.think_steps_random = False
     model.train()
-    with torch.no_grad():
-        for _ in range(5):
-            ebm.losses(model, idx, targets)
+    repeat_losses(model, idx, targets, 5)
     assert [k for k, _ in calls] == [4] * 5
 
 
@@ -493,9 +494,7 @@ def test_think_steps_random_changes_the_number_of_outputs(monkeypatch):
     monkeypatch.setattr(ebm, "system2_logits", spy)
     idx, targets = seq_batch(2, 4)
     torch.manual_seed(1)
-    with torch.no_grad():
-        for _ in range(30):
-            ebm.losses(model, idx, targets)
+    repeat_losses(model, idx, targets, 30)
     assert set(lens) == {2, 3, 4}
 
 
@@ -507,9 +506,7 @@ def test_think_lr_jitter_varies_the_step_size(monkeypatch, learnable):
     idx, targets = seq_batch(2, 4)
     calls = record_think_calls(monkeypatch)
     torch.manual_seed(0)
-    with torch.no_grad():
-        for _ in range(40):
-            ebm.losses(model, idx, targets)
+    repeat_losses(model, idx, targets, 40)
     lrs = [x for _, x in calls]
     assert all(lr * (1 - j) - 1e-12 <= x <= lr * (1 + j) + 1e-12 for x in lrs)
     assert len(set(lrs)) == 40
