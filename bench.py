@@ -29,8 +29,8 @@ import torch
 from hydra.core.config_store import ConfigStore
 
 from ebm import generate
-from train import RunConfig, check_dtype, compiled, grad_scaler, setup, train_step
-from util import UserError, check_overrides, run
+from trainer import RunConfig, check_dtype, compiled, grad_scaler, setup, train_step
+from util import UserError, check_overrides, run, sync
 
 
 @dataclass
@@ -53,13 +53,6 @@ class BenchRun(RunConfig):
 
 
 ConfigStore.instance().store(name="bench_schema", node=BenchRun)
-
-
-def sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    elif device == "mps":
-        torch.mps.synchronize()
 
 
 def peak_memory_mb(device):

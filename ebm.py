@@ -21,15 +21,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 # ---------------------------------------------------------------------------------------------------
-# free energy of a relaxed candidate and its gradient
-
-
-def free_energy(z, e, tau):
-    """F(z) = <p, e> - tau * H(p), p = softmax(z); one value per position. z, e: (..., V) -> (...)."""
-    logp = F.log_softmax(z, dim=-1)
-    p = logp.exp()
-    entropy = -(p * logp).sum(-1)  # H(p)
-    return (p * e).sum(-1) - tau * entropy
+# the gradient of the free energy of a relaxed candidate
 
 
 def free_energy_grad(z, e, tau):
@@ -106,11 +98,12 @@ def make_energy(model, h, e, caches=None):
     return linear_energy(e)
 
 
-def energy_free_energy(z, energy, tau):
-    """(E(p), F(z) = E(p) - tau * H(p)) at p = softmax(z), for any energy: one value each per position."""
+def free_energy(z, energy, tau):
+    """E(p) and the free energy F(z) = E(p) - tau * H(p) of p = softmax(z), for any energy: (...) each."""
     logp = F.log_softmax(z, dim=-1)
     E = energy(logp.exp())[0]
-    return E, E + tau * (logp.exp() * logp).sum(-1)
+    entropy = -(logp.exp() * logp).sum(-1)  # H(p)
+    return E, E - tau * entropy
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -155,37 +148,36 @@ def system2_logits(model, h, e, steps, caches=None, samples=1, training=False, t
     z_start (n, T, V): the first n rows start thinking there instead of at z_0 (replay buffer warm starts).
     """
     cfg = model.config
-    z0 = -e / cfg.softmax_temperature
+    z0 = -e / cfg.softmax_temperature  # System 1
     energy = make_energy(model, h, e, caches)
     lr = model.think_lr()
     if training and cfg.think_lr_jitter > 0:
         lr = lr * (1 + cfg.think_lr_jitter * (2 * torch.rand(()).item() - 1))
-    noise = cfg.think_noise if training else 0.0
-    V = e.size(-1)
-    if topk and topk < V:  # the rest are ruled out (-inf); p is zero there
-        ix = z0.topk(topk, dim=-1).indices  # (..., k)
-
-        def energy_k(pk, full=energy):
-            E, dE_dp = full(torch.zeros(*pk.shape[:-1], V, dtype=pk.dtype, device=pk.device).scatter(
-                -1, ix.expand(pk.shape), pk))
-            return E, dE_dp.gather(-1, ix.expand(pk.shape))
-
-        zs = system2_logits_from(z0.gather(-1, ix), energy_k, steps, lr, cfg, noise, samples, training)
-        return [torch.full_like(z0, -math.inf).scatter(-1, ix, z) for z in zs]
     start = z0 if z_start is None else torch.cat([z_start.to(z0.dtype), z0[z_start.size(0):]])
-    zs = system2_logits_from(start, energy, steps, lr, cfg, noise, samples, training)
+    ix = None
+    if topk and topk < e.size(-1):  # the rest are ruled out (-inf); p is zero there
+        ix = z0.topk(topk, dim=-1).indices  # (..., k)
+        energy, start = topk_energy(energy, ix, e.size(-1)), start.gather(-1, ix)
+    if samples > 1:  # candidate 0 starts at System 1, the others from noise: (M, ..., V)
+        start = torch.cat([start.unsqueeze(0), torch.randn(samples - 1, *start.shape, dtype=start.dtype,
+                                                                  device=start.device)])
+    zs = think(start, energy, steps, lr, cfg.entropy_weight, cfg.think_max_move,
+               noise=cfg.think_noise if training else 0.0, truncate=training and cfg.think_truncate)
+    if samples > 1:
+        best = free_energy(zs[-1], energy, cfg.entropy_weight)[1].argmin(0)  # (...): the lowest F wins
+        zs = [z.gather(0, best[None, ..., None].expand(1, *z.shape[1:])).squeeze(0) for z in zs]
+    if ix is not None:
+        zs = [torch.full_like(z0, -math.inf).scatter(-1, ix, z) for z in zs]
     return [z0] + zs[1:]
 
 
-def system2_logits_from(z0, energy, steps, lr, cfg, noise, samples, training):
-    if samples <= 1:
-        return think(z0, energy, steps, lr, cfg.entropy_weight, cfg.think_max_move, noise,
-                     truncate=training and cfg.think_truncate)
-    starts = torch.cat([z0.unsqueeze(0), torch.randn(samples - 1, *z0.shape, dtype=z0.dtype, device=z0.device)])
-    zs = think(starts, energy, steps, lr, cfg.entropy_weight, cfg.think_max_move, noise)  # each (M, ..., V)
-    free = energy_free_energy(zs[-1], energy, cfg.entropy_weight)[1]  # (M, ...)
-    best = free.argmin(0, keepdim=True).unsqueeze(-1).expand(1, *z0.shape)  # (1, ..., V)
-    return [z.gather(0, best).squeeze(0) for z in zs]
+def topk_energy(energy, ix, V):
+    """The energy of candidates p_k (..., k) over the vocabulary entries ix only (the rest get p = 0)."""
+    def energy_k(pk):
+        ixk = ix.expand(pk.shape)  # (M, ..., k) with self-verification's M starts
+        E, dE_dp = energy(torch.zeros(*pk.shape[:-1], V, dtype=pk.dtype, device=pk.device).scatter(-1, ixk, pk))
+        return E, dE_dp.gather(-1, ixk)
+    return energy_k
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -288,10 +280,13 @@ def contrastive_loss(cfg, h, e, targets, state=None):
 
 
 def observe(model, idx):
-    """One pass over the tokens idx (B, T): h (B, T, d), and for the transformer energy the per-layer KV cache
-    that its candidate slots read while thinking (otherwise None)."""
+    """
+    The one pass over the tokens idx (B, T): hidden states h (B, T, d), energies e = W_E h (B, T, V), and for
+    the transformer energy the per-layer KV cache that its candidate slots read while thinking (else None).
+    """
     caches = model.new_caches(idx.size(0)) if model.config.energy == "transformer" else None
-    return model(idx, caches), caches
+    h = model(idx, caches)
+    return h, model.energies(h), caches
 
 
 def losses(model, idx, targets, state=None, think_steps=None):
@@ -307,10 +302,7 @@ def losses(model, idx, targets, state=None, think_steps=None):
     z_start = slots = None
     if replay:  # some rows are windows seen before: their thinking resumes where it stopped
         idx, targets, z_start, slots = state.replay_draw(idx, targets, cfg.replay_frac)
-    h, caches = observe(model, idx)  # (B, T, d): the only pass over the observed tokens
-    # in the weights' dtype (float32) even under autocast (train.dtype): the think steps add small moves to
-    # logits and take softmaxes and logs of them, which bfloat16's 8 bits of mantissa would round away
-    e = model.energies(h).to(model.energy_head.weight.dtype)  # (B, T, V)
+    h, e, caches = observe(model, idx)  # the only pass over the observed tokens
     samples = 1 if model.training else cfg.think_samples
     zs = system2_logits(model, h, e, K, caches, samples, training=model.training, z_start=z_start)
     if replay:
@@ -345,8 +337,7 @@ def total_loss(cfg, terms, think_steps=None):
 @torch.no_grad()
 def next_logits(model, h, think_steps, topk=0, caches=None, samples=1):
     """Logits (B, V) for the next token from the last hidden state h (B, 1, d): System 1, then thinking."""
-    e = model.energies(h).to(model.energy_head.weight.dtype)  # (B, 1, V), as in losses
-    return system2_logits(model, h, e, think_steps, caches, samples, topk=topk)[-1][:, -1]
+    return system2_logits(model, h, model.energies(h), think_steps, caches, samples, topk=topk)[-1][:, -1]
 
 
 def pick(z, sample, temperature=1.0, top_p=1.0, generator=None):

@@ -32,10 +32,10 @@ import torch
 from hydra.core.config_store import ConfigStore
 from torch.nn import functional as F
 
-from data import load_text, resolve_path
-from ebm import energy_free_energy, make_energy, observe, system2_logits, think
-from sample import load_model
-from util import UserError, check_overrides, pick_device, run
+from data import load_text, resolve_path, train_val_split
+from ebm import free_energy, make_energy, observe, system2_logits, think
+from trainer import load_model
+from util import UserError, check_overrides, pick_device, run, sync
 
 
 @dataclass
@@ -164,36 +164,27 @@ class Runner:
 
     def warm_up(self, steps, samples):
         """One untimed batch first, so that one-time costs (allocator, kernels) do not land in the timing."""
-        h, e, caches = self.forward(self.x[: self.bs].to(self.device))
+        h, e, caches = observe(self.model, self.x[: self.bs].to(self.device))
         system2_logits(self.model, h, e, steps, caches, samples)
-
-    def forward(self, x):
-        """Hidden states, energies and (for the transformer energy) the observed stream's KV cache."""
-        h, caches = observe(self.model, x)  # (b, T, d)
-        return h, self.model.energies(h), caches
-
-    def sync(self):
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
 
     def logits(self, steps, samples=1, energies=False):
         """System 1 and thinking logits (N, V) of every token, and seconds per token for the whole pass.
         energies: also the energy E(p_K) and free energy F(z_K) (N,) of each thinking output (else None)."""
         z0s, zks, Es, Fs = [], [], [], []
         self.warm_up(steps, samples)
-        self.sync()
+        sync(self.device)
         t0 = time.perf_counter()
         for x in self.batches():
-            h, e, caches = self.forward(x)
+            h, e, caches = observe(self.model, x)
             zs = system2_logits(self.model, h, e, steps, caches, samples)
             z0s.append(zs[0].flatten(0, 1).float().cpu())
             zks.append(zs[-1].flatten(0, 1).float().cpu())
             if energies:
-                E, free = energy_free_energy(zs[-1], make_energy(self.model, h, e, caches),
+                E, free = free_energy(zs[-1], make_energy(self.model, h, e, caches),
                                              self.model.config.entropy_weight)
                 Es.append(E.detach().flatten().cpu())
                 Fs.append(free.detach().flatten().cpu())
-        self.sync()
+        sync(self.device)
         final = (torch.cat(Es), torch.cat(Fs)) if energies else None
         return torch.cat(z0s), torch.cat(zks), (time.perf_counter() - t0) / self.tokens, final
 
@@ -215,11 +206,11 @@ class Runner:
         cfg = self.model.config
         zks, used = [], []
         for x in self.batches():
-            h, e, caches = self.forward(x)
+            h, e, caches = observe(self.model, x)
             energy = make_energy(self.model, h, e, caches)
 
             def free(z):
-                return energy_free_energy(z, energy, cfg.entropy_weight)[1]
+                return free_energy(z, energy, cfg.entropy_weight)[1]
 
             z = -e / cfg.softmax_temperature
             f = free(z)
@@ -267,7 +258,7 @@ def evaluate_checkpoint(cfg: EvalConfig):
         raise UserError(f"think_steps={K} must be >= 0")
     text = load_text(ckpt_cfg["data"]["data_path"])
     ids = torch.tensor(vocab.encode(text), dtype=torch.long)
-    val = ids[int(0.9 * len(ids)) :]  # the split train.py uses
+    _, val = train_val_split(ids)
     x, y = windows(val, mcfg.block_size, cfg.max_tokens)
     tune = torch.arange(x.size(0)) % 5 == 0
     if tune.all():

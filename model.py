@@ -232,8 +232,13 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)  # (B, T, d)
 
     def energies(self, h):
-        """e_t = W_E h_t: one energy per candidate next token."""
-        return self.energy_head(h)  # (B, T, V)
+        """
+        e_t = W_E h_t: one energy per candidate next token, (B, T, V). In float32 even under autocast
+        (train.dtype): the think steps add small moves to logits and take softmaxes and logs of them, which
+        bfloat16's 8 bits of mantissa would round away.
+        """
+        with torch.autocast(h.device.type, enabled=False):
+            return self.energy_head(h.to(self.energy_head.weight.dtype))
 
     def think_lr(self):
         """eta: learned (log-parametrised, so it stays positive) or the configured constant."""

@@ -11,12 +11,10 @@ from typing import Optional
 import hydra
 import torch
 from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
 
-from data import Vocab
 from ebm import generate
-from model import GPT, ModelConfig
-from util import UserError, check_overrides, load_checkpoint, pick_device, run
+from trainer import load_model
+from util import UserError, check_overrides, pick_device, run, sync
 
 
 @dataclass
@@ -40,18 +38,6 @@ class SampleConfig:
 ConfigStore.instance().store(name="sample_schema", node=SampleConfig)
 
 
-def load_model(path, device):
-    """A GPT, its vocabulary and the run's config from any checkpoint train.py wrote (final/best/ckpt.pt)."""
-    ckpt = load_checkpoint(path, map_location=device)
-    try:
-        model = GPT(OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), ckpt["config"]["model"])))
-        model.load_state_dict(ckpt["model"])
-    except Exception as err:
-        raise UserError(f"checkpoint {path} does not fit this version of nanoEBM ({str(err).splitlines()[0]}); "
-                        "retrain it with this version") from None
-    return model.to(device).eval(), Vocab(ckpt["vocab"]), ckpt["config"]
-
-
 def sample(cfg: SampleConfig):
     if cfg.max_new_tokens < 0 or cfg.num_samples < 1 or cfg.topk < 0:
         raise UserError("max_new_tokens and topk must be >= 0 and num_samples >= 1")
@@ -71,10 +57,12 @@ def sample(cfg: SampleConfig):
         generate(model, idx, 2, steps, topk=cfg.topk, samples=samples, compile=True)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    sync(device)
     t0 = time.time()
     out = generate(model, idx, cfg.max_new_tokens, steps, topk=cfg.topk, sample=cfg.sample,
                    temperature=cfg.sample_temp, top_p=cfg.sample_top_p, generator=gen, samples=samples,
                    compile=cfg.compile)
+    sync(device)  # CUDA and MPS run ahead of Python: wait before reading the clock
     dt = time.time() - t0
     for row in out.tolist():
         print(vocab.decode(row))

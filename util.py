@@ -80,6 +80,15 @@ def pick_device(name="auto"):
     return name
 
 
+def sync(device):
+    """Wait for the device's queued work, so that a timer reads the time it took (CUDA and MPS run ahead)."""
+    device_type = torch.device(device).type
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+    elif device_type == "mps":
+        torch.mps.synchronize()
+
+
 def save_checkpoint(obj, path):
     """Write atomically: a temp file, then a rename, so a kill mid-save leaves the old file whole."""
     path = Path(path)

@@ -17,9 +17,9 @@ import hydra
 import torch
 from hydra.core.config_store import ConfigStore
 
-from data import load_text
-from ebm import energy_free_energy, make_energy, observe, think
-from sample import load_model
+from data import load_text, train_val_split
+from ebm import free_energy, make_energy, observe, system2_logits
+from trainer import load_model
 from util import UserError, check_overrides, pick_device, run
 
 
@@ -63,12 +63,10 @@ def plot_sweep(plt, evals, path):
 @torch.no_grad()
 def descend(model, x, steps):
     """Logits z_0..z_K (K + 1, T, V) and free energies F(z_k) (K + 1, T) along the think loop on window x."""
-    cfg = model.config
-    h, caches = observe(model, x)
-    e = model.energies(h)
+    h, e, caches = observe(model, x)
+    zs = system2_logits(model, h, e, steps, caches)
     energy = make_energy(model, h, e, caches)
-    zs = think(-e / cfg.softmax_temperature, energy, steps, model.think_lr(), cfg.entropy_weight, cfg.think_max_move)
-    free = torch.stack([energy_free_energy(z, energy, cfg.entropy_weight)[1] for z in zs])
+    free = torch.stack([free_energy(z, energy, model.config.entropy_weight)[1] for z in zs])
     return torch.stack(zs)[:, 0], free[:, 0]
 
 
@@ -91,7 +89,7 @@ def visualise(cfg: VizConfig):
     if cfg.checkpoint:
         model, vocab, run_cfg = load_model(cfg.checkpoint, pick_device(cfg.device))
         ids = torch.tensor(vocab.encode(load_text(run_cfg["data"]["data_path"])), dtype=torch.long)
-        val = ids[int(0.9 * len(ids)) :]
+        _, val = train_val_split(ids)
         T = model.config.block_size
         gen = torch.Generator().manual_seed(cfg.seed)
         start = int(torch.randint(len(val) - T - 1, (), generator=gen))

@@ -13,6 +13,7 @@ from helpers import (REPO, TINY, TINY_DATA, TINY_MODEL, cli, error_lines, load_c
                      seed_argv)
 
 import train as train_mod
+import trainer
 
 SEED_FILE = REPO.parent / "shared" / "seeds" / "001_560f304c787799ef.txt"
 
@@ -292,11 +293,11 @@ DOCUMENTED = {  # override -> (attribute path, expected value)
 def test_every_documented_train_key_lands():
     """Every override key of seeds/001 (and model.refine_steps, an alias of think_steps) sets its field."""
     cfg = helpers.compose_cfg("train", list(DOCUMENTED) + ["model.think_steps=2", "model.refine_steps=6"])
-    assert isinstance(cfg, train_mod.RunConfig)
+    assert isinstance(cfg, trainer.RunConfig)
     for override, (path, expected) in DOCUMENTED.items():
         assert _get(cfg, path) == expected, override
     assert cfg.model.think_steps == 2 and cfg.model.refine_steps == 6
-    train_mod.check_config(cfg)
+    trainer.check_config(cfg)
     assert cfg.model.think_steps == 6  # refine_steps wins: it is the README's name
     # the defaults the README documents under "Common overrides"
     d = helpers.compose_cfg("train", [])
@@ -528,7 +529,7 @@ def test_every_config_key_is_read():
 
     code = "\n".join(p.read_text() for p in REPO.glob("*.py"))
     unread = []
-    for schema in (ModelConfig, DataConfig, train_mod.TrainConfig, train_mod.RunConfig, sample_mod.SampleConfig):
+    for schema in (ModelConfig, DataConfig, trainer.TrainConfig, trainer.RunConfig, sample_mod.SampleConfig):
         for f in dataclasses.fields(schema):
             uses = re.findall(rf"(\.{f.name}\b|[\"']{f.name}[\"'])", code)
             if not uses:

@@ -8,6 +8,7 @@ import torch
 
 import ebm
 import train as train_mod
+import trainer
 from conftest import make_model
 from data import Dataset
 from helpers import TINY, TINY_MODEL, compose_cfg, load_ckpt, read_metrics, run_train, write_corpus
@@ -87,20 +88,20 @@ def test_grad_scaler_only_for_float16_on_cuda():
     """A GradScaler is chosen for float16 on CUDA, and for nothing else (bfloat16 and float32 need none)."""
     with warnings.catch_warnings():  # no CUDA here: torch warns that the scaler is disabled
         warnings.simplefilter("ignore")
-        assert isinstance(train_mod.grad_scaler("float16", "cuda"), torch.amp.GradScaler)
+        assert isinstance(trainer.grad_scaler("float16", "cuda"), torch.amp.GradScaler)
     for dtype, device_type in [("bfloat16", "cuda"), ("float32", "cuda"), ("float16", "cpu"), ("bfloat16", "cpu"),
                                ("float32", "cpu"), ("bfloat16", "mps"), ("float16", "mps")]:
-        assert train_mod.grad_scaler(dtype, device_type) is None, (dtype, device_type)
+        assert trainer.grad_scaler(dtype, device_type) is None, (dtype, device_type)
 
 
 def test_float16_off_cuda_is_refused():
     """float16 on CPU or MPS (no loss scaling there) is one line that names bfloat16 as the remedy."""
     for device_type in ("cpu", "mps"):
         with pytest.raises(UserError, match="train.dtype=bfloat16") as err:
-            train_mod.check_dtype("float16", device_type)
+            trainer.check_dtype("float16", device_type)
         assert "\n" not in str(err.value)
-    train_mod.check_dtype("bfloat16", "cpu")
-    train_mod.check_dtype("float32", "mps")
+    trainer.check_dtype("bfloat16", "cpu")
+    trainer.check_dtype("float32", "mps")
 
 
 @pytest.mark.parametrize("energy", ENERGIES)
@@ -167,9 +168,9 @@ def test_compile_trains_every_energy(energy, corpus, tmp_path):
 
 def test_compile_without_a_cpp_compiler_is_refused(monkeypatch):
     """train.compile=true on CPU with no C++ compiler on PATH is one line naming the remedy, before any compile."""
-    monkeypatch.setattr(train_mod.shutil, "which", lambda name: None)
+    monkeypatch.setattr(trainer.shutil, "which", lambda name: None)
     model = make_model(seed=0, dtype=torch.float32)
     cfg = step_config(model, compile="true")
     with pytest.raises(UserError, match="C\\+\\+ compiler.*drop train.compile"):
-        train_mod.compiled(model, cfg)
-    assert train_mod.compiled(model, step_config(model)) is model  # compile off: the model itself
+        trainer.compiled(model, cfg)
+    assert trainer.compiled(model, step_config(model)) is model  # compile off: the model itself
