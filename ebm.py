@@ -139,13 +139,15 @@ def think(z, energy, steps, lr, tau, max_move=math.inf, noise=0.0, truncate=Fals
     return zs
 
 
-def system2_logits(model, h, e, steps, caches=None, samples=1, training=False, topk=0, z_start=None):
+def system2_logits(model, h, e, steps, caches=None, samples=1, training=False, topk=0, z_start=None,
+                   return_chosen=False):
     """
     System 1 logits z_0 = -e / T, then `steps` think steps on the model's energy; returns [z_0, ..., z_K].
     training: Langevin noise, and (if configured) a random step size and truncated backprop.
     samples = M > 1 (self-verification): think from z_0 and M - 1 random starts, keep per position the
     candidate with the lowest free energy. topk: think over the System 1 top-k candidates only.
     z_start (n, T, V): the first n rows start thinking there instead of at z_0 (replay buffer warm starts).
+    return_chosen: also return which start was kept per position (...), 0 = z_0 (or z_start), 1..M-1 random.
     """
     cfg = model.config
     z0 = -e / cfg.softmax_temperature  # System 1
@@ -163,12 +165,21 @@ def system2_logits(model, h, e, steps, caches=None, samples=1, training=False, t
                                                                   device=start.device)])
     zs = think(start, energy, steps, lr, cfg.entropy_weight, cfg.think_max_move,
                noise=cfg.think_noise if training else 0.0, truncate=training and cfg.think_truncate)
+    chosen = None
     if samples > 1:
-        best = free_energy(zs[-1], energy, cfg.entropy_weight)[1].argmin(0)  # (...): the lowest F wins
-        zs = [z.gather(0, best[None, ..., None].expand(1, *z.shape[1:])).squeeze(0) for z in zs]
+        zs, chosen = keep_lowest(zs, energy, cfg.entropy_weight)
     if ix is not None:
         zs = [torch.full_like(z0, -math.inf).scatter(-1, ix, z) for z in zs]
+    if return_chosen:  # a single start is always start 0
+        return [z0] + zs[1:], torch.zeros_like(z0[..., 0], dtype=torch.long) if chosen is None else chosen
     return [z0] + zs[1:]
+
+
+def keep_lowest(zs, energy, tau):
+    """Self-verification: of M thought candidates [z_0, ..., z_K] (M, ..., V) each, keep per position the one
+    whose final free energy is lowest. Returns its trajectory (..., V) each and its index (...) in 0..M-1."""
+    best = free_energy(zs[-1], energy, tau)[1].argmin(0)  # (...): the lowest F wins
+    return [z.gather(0, best[None, ..., None].expand(1, *z.shape[1:])).squeeze(0) for z in zs], best
 
 
 def topk_energy(energy, ix, V):

@@ -13,10 +13,14 @@ figure below). Parts, each a top-level key of eval.json (written next to the che
   uncertainty          how well a token's final energy predicts its loss and whether its argmax is wrong
   adaptive             stop a token's thinking once its free energy changes by less than epsilon
   ood                  the sweep on text unlike the training data: the README, and val with `corrupt` of
-                       its characters substituted
+                       its input characters substituted (the targets stay the clean text's next characters)
 
-Differences between settings are paired (the same tokens), so each comes with the standard error of the
-per-token difference: a gain smaller than two of those is noise.
+Standard errors (`se` of a mean loss, `delta_se` of a paired difference) come from a bootstrap over windows:
+neighbouring characters' losses are correlated, so the per-character std / sqrt(N) would understate them.
+The windows are resampled with replacement BOOTSTRAP = 1000 times by a seeded generator (the same figures
+every run), and the standard deviation of the resampled means is the standard error. Differences between
+settings are paired (the same tokens): a pair's difference is resampled window by window, so both members
+always see the same windows. A gain smaller than two of its delta_se is noise.
 """
 
 import json
@@ -56,6 +60,7 @@ class EvalConfig:
 ConfigStore.instance().store(name="eval_schema", node=EvalConfig)
 
 LN2 = math.log(2)
+BOOTSTRAP = 1000  # resamples of windows behind every standard error
 
 # ---------------------------------------------------------------------------------------------------
 # metrics on plain tensors (tests/test_eval.py checks each on cases with known answers)
@@ -66,14 +71,27 @@ def ce(z, y):
     return F.cross_entropy(z.double(), y, reduction="none")
 
 
+def bootstrap_se(window_means, resamples=BOOTSTRAP, seed=0):
+    """Standard error of the mean of window_means (n,): the std of the means of `resamples` draws of n
+    windows with replacement. Seeded, so the same data always gives the same figure."""
+    g = torch.Generator().manual_seed(seed)
+    n = window_means.numel()
+    pick = torch.randint(0, n, (resamples, n), generator=g)
+    return window_means.double()[pick].mean(1).std().item()
+
+
 def summary(losses, base=None):
-    """Mean loss, bits per char, its standard error; with base (the same tokens), the paired difference."""
+    """Mean loss, bits per char and its standard error of per-character losses (n_windows, T) (1-D: windows
+    of one character); with base (the same characters), the paired difference and its standard error.
+    Windows, not characters, are resampled: all windows have T characters, so a resample's mean loss is
+    the mean of its window means."""
+    losses = losses.double().view(losses.size(0), -1)
     out = {"loss": losses.mean().item(), "bits_per_char": losses.mean().item() / LN2,
-           "se": (losses.std() / math.sqrt(losses.numel())).item()}
+           "se": bootstrap_se(losses.mean(1))}
     if base is not None:
-        diff = losses - base
+        diff = losses - base.double().view_as(losses)  # paired: the same windows for both members
         out["delta"] = diff.mean().item()
-        out["delta_se"] = (diff.std() / math.sqrt(diff.numel())).item()
+        out["delta_se"] = bootstrap_se(diff.mean(1))
     return out
 
 
@@ -150,6 +168,19 @@ def windows(ids, block_size, max_tokens=0):
     return x, y
 
 
+@dataclass
+class Pass:
+    """One timed pass of a Runner: System 1 and thinking logits (N, V), seconds per token, the start that
+    self-verification kept per token (N,) (0 = the System 1 start), and optionally the energy E(p_K) and
+    free energy F(z_K) (N,) of each thinking output."""
+    z0: torch.Tensor
+    zk: torch.Tensor
+    seconds: float
+    chosen: torch.Tensor
+    energy: Optional[torch.Tensor] = None
+    free: Optional[torch.Tensor] = None
+
+
 class Runner:
     """Forward passes over fixed windows, in batches, timed; what each think setting costs per token."""
 
@@ -157,6 +188,10 @@ class Runner:
         self.model, self.x, self.y, self.bs, self.device = model, x, y, batch_size, device
         self.targets = y.reshape(-1)
         self.tokens = y.numel()
+
+    def losses(self, z):
+        """Per-character cross-entropy of logits z (N, V), by window: (n_windows, T), as summary takes it."""
+        return ce(z, self.targets).view(self.y.shape)
 
     def batches(self):
         for i in range(0, self.x.size(0), self.bs):
@@ -168,35 +203,37 @@ class Runner:
         system2_logits(self.model, h, e, steps, caches, samples)
 
     def logits(self, steps, samples=1, energies=False):
-        """System 1 and thinking logits (N, V) of every token, and seconds per token for the whole pass.
-        energies: also the energy E(p_K) and free energy F(z_K) (N,) of each thinking output (else None)."""
-        z0s, zks, Es, Fs = [], [], [], []
+        """A Pass over every window with `steps` think steps and `samples` starts; energies: with E and F."""
+        z0s, zks, chosen, Es, Fs = [], [], [], [], []
         self.warm_up(steps, samples)
         sync(self.device)
         t0 = time.perf_counter()
         for x in self.batches():
             h, e, caches = observe(self.model, x)
-            zs = system2_logits(self.model, h, e, steps, caches, samples)
+            zs, kept = system2_logits(self.model, h, e, steps, caches, samples, return_chosen=True)
             z0s.append(zs[0].flatten(0, 1).float().cpu())
             zks.append(zs[-1].flatten(0, 1).float().cpu())
+            chosen.append(kept.flatten().cpu())
             if energies:
                 E, free = free_energy(zs[-1], make_energy(self.model, h, e, caches),
                                              self.model.config.entropy_weight)
                 Es.append(E.detach().flatten().cpu())
                 Fs.append(free.detach().flatten().cpu())
         sync(self.device)
-        final = (torch.cat(Es), torch.cat(Fs)) if energies else None
-        return torch.cat(z0s), torch.cat(zks), (time.perf_counter() - t0) / self.tokens, final
+        out = Pass(torch.cat(z0s), torch.cat(zks), (time.perf_counter() - t0) / self.tokens, torch.cat(chosen))
+        if energies:
+            out.energy, out.free = torch.cat(Es), torch.cat(Fs)
+        return out
 
     def sweep(self, steps_list):
         """Loss of the prediction after K think steps for each K, paired against K = 0."""
         rows, base = [], None
         for k in steps_list:
-            z0, zk, sec, _ = self.logits(k)
-            losses = ce(zk, self.targets)
+            run = self.logits(k)
             if base is None:
-                base = ce(z0, self.targets)  # System 1 is the prediction at K = 0
-            rows.append({"think_steps": k, **summary(losses, base), "us_per_token": 1e6 * sec})
+                base = self.losses(run.z0)  # System 1 is the prediction at K = 0
+            rows.append({"think_steps": k, **summary(self.losses(run.zk), base),
+                         "us_per_token": 1e6 * run.seconds})
         return rows
 
     def adaptive(self, max_steps, eps):
@@ -241,6 +278,78 @@ def corrupt_ids(ids, rate, vocab_size, generator):
     return torch.where(hit, (ids + shift) % vocab_size, ids)
 
 
+def temperature_part(report, tuner, K):
+    """System 1 and thinking (K steps), each also at the temperature that is best on the tune slice.
+    Returns the part, the report's thinking Pass (with energies) and its System 1 and thinking losses."""
+    tuned = tuner.logits(K)
+    t1, t2 = best_temperature(tuned.z0, tuner.targets), best_temperature(tuned.zk, tuner.targets)
+    thought = report.logits(K, energies=True)
+    s1, s2 = report.losses(thought.z0), report.losses(thought.zk)
+    s1_t, s2_t = report.losses(thought.z0 / t1), report.losses(thought.zk / t2)
+    part = {"think_steps": K, "s1": summary(s1), "s2": summary(s2, s1),
+            "s1_temperature": t1, "s1_at_temperature": summary(s1_t, s1),
+            "s2_temperature": t2, "s2_at_temperature": summary(s2_t, s1_t)}
+    return part, thought, s1, s2
+
+
+def self_verification_part(report, K, samples, seed, s2):
+    """One row per M in samples, paired against plain thinking (s2); random_start_chosen is the share of
+    tokens whose kept start is not start 0, the System 1 start (as system2_logits reports it)."""
+    rows = []
+    for m in samples:
+        torch.manual_seed(seed)
+        run = report.logits(K, samples=m)
+        rows.append({"samples": m, **summary(report.losses(run.zk), s2), "us_per_token": 1e6 * run.seconds,
+                     "random_start_chosen": (run.chosen != 0).double().mean().item()})
+    return rows
+
+
+def uncertainty_part(report, thought, s2, K):
+    """How well each score ranks the tokens by loss and by whether the argmax is wrong."""
+    wrong = thought.zk.argmax(-1) != report.targets
+    s2 = s2.flatten()
+    return {"think_steps": K, "error_rate": wrong.double().mean().item(),
+            "energy": as_uncertainty(thought.energy, s2, wrong),
+            "free_energy": as_uncertainty(thought.free, s2, wrong),
+            "max_prob": as_uncertainty(-F.softmax(thought.zk, -1).amax(-1), s2, wrong)}  # the usual baseline
+
+
+def adaptive_part(report, max_steps, epsilons, s1):
+    """One row per epsilon: adaptive thinking beside fixed thinking with its mean number of steps."""
+    rows = []
+    for eps in epsilons:
+        za, used = report.adaptive(max_steps, eps)
+        fixed = round(used.mean().item())
+        zf = report.logits(fixed).zk
+        rows.append({"epsilon": eps, "mean_steps": used.mean().item(), "max_steps": max_steps,
+                     **summary(report.losses(za), s1), "fixed_steps": fixed,
+                     "fixed": summary(report.losses(zf), s1)})
+    return rows
+
+
+def ood_part(cfg, report, val_sweep, ood_path, vocab):
+    """The think sweep on val, on ood_text and on corrupted val, with the gain of each one's best K."""
+    model, bs, device = report.model, report.model.config.block_size, report.device
+    ood = ood_path.read_text(encoding="utf-8", errors="replace")
+    kept = [c for c in ood if c in vocab.stoi]
+    ood_runner = Runner(model, *windows(torch.tensor(vocab.encode(kept), dtype=torch.long), bs), cfg.batch_size,
+                        device)
+    # corrupted val: the report windows with a fraction `corrupt` of their INPUT characters substituted. The
+    # targets stay the clean text's next characters: scoring the prediction of a random substitute would
+    # punish any sharpening, i.e. bias the verdict against thinking.
+    x_corrupt = corrupt_ids(report.x, cfg.corrupt, len(vocab), torch.Generator().manual_seed(cfg.seed))
+    corrupt_runner = Runner(model, x_corrupt, report.y, cfg.batch_size, device)
+    sweeps = {"val": (val_sweep, report.tokens, 0),
+              "ood_text": (ood_runner.sweep(cfg.sweep), ood_runner.tokens, len(ood) - len(kept)),
+              "corrupted_val": (corrupt_runner.sweep(cfg.sweep), corrupt_runner.tokens, 0)}
+    part = {"ood_path": str(cfg.ood_text), "corrupt": cfg.corrupt}
+    for name, (rows, tokens, dropped) in sweeps.items():
+        best = min(rows, key=lambda r: r["loss"])  # gain: how much the best K beats K = 0 on this text
+        part[name] = {"tokens": tokens, "dropped_chars": dropped, "sweep": rows,
+                      "best_think_steps": best["think_steps"], "gain": 0.0 - best["delta"]}
+    return part
+
+
 @torch.no_grad()  # the transformer energy turns gradients on for dE/dp only
 def evaluate_checkpoint(cfg: EvalConfig):
     if not cfg.sweep or min(cfg.sweep) < 0 or not cfg.samples or min(cfg.samples) < 1:
@@ -265,72 +374,16 @@ def evaluate_checkpoint(cfg: EvalConfig):
         raise UserError("the val split is too short for a tune and a report slice: raise max_tokens")
     report = Runner(model, x[~tune], y[~tune], cfg.batch_size, device)
     tuner = Runner(model, x[tune], y[tune], cfg.batch_size, device)
-    n_vocab = len(vocab)
     result = {"checkpoint": str(cfg.checkpoint), "energy": mcfg.energy, "model_think_steps": mcfg.think_steps,
               "think_steps": K, "tokens": report.tokens, "tune_tokens": tuner.tokens, "device": device,
-              "uniform_loss": math.log(n_vocab)}
-
-    # think sweep
+              "uniform_loss": math.log(len(vocab)), "report_windows": report.x.size(0),
+              "bootstrap_resamples": BOOTSTRAP}
     result["think_sweep"] = report.sweep(cfg.sweep)
-
-    # temperature-matched control: each prediction at the temperature that is best on the tune slice
-    z0_t, zk_t, _, _ = tuner.logits(K)
-    t1, t2 = best_temperature(z0_t, tuner.targets), best_temperature(zk_t, tuner.targets)
-    z0, zk, _, (E, Fr) = report.logits(K, energies=True)
-    s1, s2 = ce(z0, report.targets), ce(zk, report.targets)
-    s1_t, s2_t = ce(z0 / t1, report.targets), ce(zk / t2, report.targets)
-    result["temperature_control"] = {
-        "think_steps": K, "s1": summary(s1), "s2": summary(s2, s1),
-        "s1_temperature": t1, "s1_at_temperature": summary(s1_t, s1),
-        "s2_temperature": t2, "s2_at_temperature": summary(s2_t, s1_t),
-    }
-
-    # self-verification
-    rows = []
-    for m in cfg.samples:
-        torch.manual_seed(cfg.seed)
-        _, zm, sec, _ = report.logits(K, samples=m)
-        rows.append({"samples": m, **summary(ce(zm, report.targets), s2), "us_per_token": 1e6 * sec,
-                     "random_start_chosen": (zm != zk).any(-1).double().mean().item()})
-    result["self_verification"] = rows
-
-    # energy as uncertainty
-    wrong = zk.argmax(-1) != report.targets
-    result["uncertainty"] = {
-        "think_steps": K, "error_rate": wrong.double().mean().item(),
-        "energy": as_uncertainty(E, s2, wrong), "free_energy": as_uncertainty(Fr, s2, wrong),
-        "max_prob": as_uncertainty(-F.softmax(zk, -1).amax(-1), s2, wrong),  # the usual baseline
-    }
-
-    # adaptive compute
-    max_steps = max(cfg.sweep)
-    rows = []
-    for eps in cfg.epsilons:
-        za, used = report.adaptive(max_steps, eps)
-        fixed = round(used.mean().item())
-        _, zf, _, _ = report.logits(fixed)
-        rows.append({"epsilon": eps, "mean_steps": used.mean().item(), "max_steps": max_steps,
-                     **summary(ce(za, report.targets), s1), "fixed_steps": fixed,
-                     "fixed": summary(ce(zf, report.targets), s1)})
-    result["adaptive"] = rows
-
-    # out of distribution
-    gen = torch.Generator().manual_seed(cfg.seed)
-    ood = ood_path.read_text(encoding="utf-8", errors="replace")
-    kept = [c for c in ood if c in vocab.stoi]
-    ood_ids = torch.tensor(vocab.encode(kept), dtype=torch.long)
-    flat = torch.cat([x[~tune], y[~tune, -1:]], dim=1)  # the report windows with their last target
-    flat = corrupt_ids(flat, cfg.corrupt, n_vocab, gen)
-    ood_runner = Runner(model, *windows(ood_ids, mcfg.block_size), cfg.batch_size, device)
-    corrupt_runner = Runner(model, flat[:, :-1], flat[:, 1:], cfg.batch_size, device)
-    sweeps = {"val": (result["think_sweep"], report.tokens, 0),
-              "ood_text": (ood_runner.sweep(cfg.sweep), ood_runner.tokens, len(ood) - len(kept)),
-              "corrupted_val": (corrupt_runner.sweep(cfg.sweep), corrupt_runner.tokens, 0)}
-    result["ood"] = {"ood_path": str(cfg.ood_text), "corrupt": cfg.corrupt}
-    for name, (rows, tokens, dropped) in sweeps.items():
-        best = min(rows, key=lambda r: r["loss"])  # gain: how much the best K beats K = 0 on this text
-        result["ood"][name] = {"tokens": tokens, "dropped_chars": dropped, "sweep": rows,
-                               "best_think_steps": best["think_steps"], "gain": 0.0 - best["delta"]}
+    result["temperature_control"], thought, s1, s2 = temperature_part(report, tuner, K)
+    result["self_verification"] = self_verification_part(report, K, cfg.samples, cfg.seed, s2)
+    result["uncertainty"] = uncertainty_part(report, thought, s2, K)
+    result["adaptive"] = adaptive_part(report, max(cfg.sweep), cfg.epsilons, s1)
+    result["ood"] = ood_part(cfg, report, result["think_sweep"], ood_path, vocab)
     return result
 
 
@@ -345,11 +398,13 @@ def markdown(r):
     out = [f"# eval of {r['checkpoint']}",
            f"energy {r['energy']}, trained with think_steps {r['model_think_steps']}; {r['tokens']} val tokens "
            f"reported, {r['tune_tokens']} for tuning temperatures; device {r['device']}; losses in nats "
-           f"(uniform: {r['uniform_loss']:.4f}); ± is one standard error of the paired difference", "",
+           f"(uniform: {r['uniform_loss']:.4f}); ± is one standard error of the loss or of the paired "
+           f"difference, from {r['bootstrap_resamples']} bootstrap resamples of whole windows of block_size "
+           f"characters ({r['report_windows']} report windows), since neighbouring characters are correlated", "",
            "## think sweep", "| think_steps | val loss | bits/char | vs K=0 | µs/token |", "|---|---|---|---|---|"]
     for row in r["think_sweep"]:
-        out.append(f"| {row['think_steps']} | {f(row['loss'])} | {f(row['bits_per_char'])} | {d(row)} | "
-                   f"{row['us_per_token']:.1f} |")
+        out.append(f"| {row['think_steps']} | {f(row['loss'])} ± {row['se']:.4f} | {f(row['bits_per_char'])} | "
+                   f"{d(row)} | {row['us_per_token']:.1f} |")
     t = r["temperature_control"]
     out += ["", f"## temperature-matched control (K={t['think_steps']}; temperatures chosen on the tune slice)",
             "| prediction | temperature | val loss | vs raw System 1 |", "|---|---|---|---|",

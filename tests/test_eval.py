@@ -6,8 +6,10 @@ import math
 import pytest
 import torch
 
+from conftest import make_model
 from helpers import TINY, compose_cfg, run_train, write_corpus
 
+import ebm
 import eval as eval_mod  # noqa: E402  (registers the eval_schema config node; the module, not the builtin)
 from util import UserError
 
@@ -256,18 +258,66 @@ def test_corrupt_ids_rate_zero_and_seeded(one_thread):
 
 
 def test_summary_by_hand(one_thread):
-    """summary: mean, bits = loss / ln 2, standard errors with the n - 1 std, paired delta and its se."""
+    """summary: mean, bits = loss / ln 2, paired delta; a 1-D tensor is windows of one character, whose
+    bootstrap standard errors are near the plug-in std / sqrt(n) (1000 resamples: a few % of noise)."""
     losses = torch.tensor([1.0, 2.0, 4.0, 7.0], dtype=torch.float64)
     base = torch.tensor([1.0, 1.0, 2.0, 2.0], dtype=torch.float64)  # differences 0, 1, 2, 5
     s = eval_mod.summary(losses)
     assert set(s) == {"loss", "bits_per_char", "se"}
     assert s["loss"] == pytest.approx(3.5)
     assert s["bits_per_char"] == pytest.approx(3.5 / math.log(2))
-    assert s["se"] == pytest.approx(math.sqrt(21 / 3) / 2)
+    assert s["se"] == pytest.approx(eval_mod.bootstrap_se(losses), rel=1e-12)
+    assert s["se"] == pytest.approx(math.sqrt(21 / 4) / 2, rel=0.1)  # bootstrap: the variance divides by n
     p = eval_mod.summary(losses, base)
     assert p["delta"] == pytest.approx(2.0)
-    assert p["delta_se"] == pytest.approx(math.sqrt(14 / 3) / 2)  # not the unpaired sqrt(se_a^2 + se_b^2)
+    assert p["delta_se"] == pytest.approx(math.sqrt(14 / 4) / 2, rel=0.1)  # not the unpaired sqrt(se_a^2 + se_b^2)
     assert p["loss"] == pytest.approx(3.5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# standard errors: a bootstrap over windows
+
+
+def test_bootstrap_se_of_iid_windows_is_analytic(one_thread):
+    """With i.i.d. characters the window bootstrap's se agrees with the per-character std / sqrt(N)."""
+    losses = torch.randn(400, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    analytic = losses.std() / math.sqrt(losses.numel())
+    assert eval_mod.summary(losses)["se"] == pytest.approx(analytic.item(), rel=0.1)
+
+
+def test_bootstrap_se_of_correlated_windows_is_sqrt_t_times_naive(one_thread):
+    """When every character of a window has the same loss, the se is sqrt(T) times the naive per-character
+    std / sqrt(N): a window, not a character, is the independent unit."""
+    T = 16
+    per_window = torch.randn(300, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    losses = per_window.expand(300, T)
+    naive = losses.std() / math.sqrt(losses.numel())
+    assert eval_mod.summary(losses)["se"] == pytest.approx(math.sqrt(T) * naive.item(), rel=0.1)
+    assert eval_mod.summary(losses)["se"] == pytest.approx((per_window.std() / math.sqrt(300)).item(), rel=0.1)
+
+
+def test_bootstrap_delta_se_is_paired(one_thread):
+    """delta_se resamples the same windows for both members: a large shared window effect cancels, leaving
+    the se of the per-window differences (far below either member's se)."""
+    g = torch.Generator().manual_seed(2)
+    shared = 3 * torch.randn(500, 1, dtype=torch.float64, generator=g)  # window effect, shared by the pair
+    base = shared + 0.1 * torch.randn(500, 8, dtype=torch.float64, generator=g)
+    losses = shared + 0.1 * torch.randn(500, 8, dtype=torch.float64, generator=g)
+    s = eval_mod.summary(losses, base)
+    expected = ((losses - base).mean(1).std() / math.sqrt(500)).item()  # i.i.d. windows: analytic
+    assert s["delta_se"] == pytest.approx(expected, rel=0.15)
+    assert s["delta_se"] < s["se"] / 10
+
+
+def test_bootstrap_is_deterministic(one_thread):
+    """The same data gives the same se every time (a seeded generator); another seed gives another draw."""
+    losses = torch.rand(200, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    a, b = eval_mod.summary(losses, losses.flip(0)), eval_mod.summary(losses, losses.flip(0))
+    assert a == b
+    means = losses.mean(1)
+    assert eval_mod.bootstrap_se(means, seed=0) == eval_mod.bootstrap_se(means, seed=0)
+    assert eval_mod.bootstrap_se(means, seed=0) != eval_mod.bootstrap_se(means, seed=1)
+    assert eval_mod.bootstrap_se(means, seed=1) == pytest.approx(eval_mod.bootstrap_se(means, seed=0), rel=0.15)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -373,6 +423,80 @@ def test_corrupt_zero_copies_val(trained):
     ckpt, ood = trained
     r = eval_mod.evaluate_checkpoint(eval_cfg(ckpt, ood, "corrupt=0.0", "samples=[1]", "epsilons=[]"))
     assert figures(r["ood"]["corrupted_val"]["sweep"]) == figures(r["think_sweep"])
+
+
+def test_corrupted_val_corrupts_inputs_only(trained, monkeypatch):
+    """The corrupted-val runner scores the clean val targets; about `corrupt` of its inputs are substituted."""
+    ckpt, ood = trained
+    built = []
+
+    class Spy(eval_mod.Runner):
+        def __init__(self, model, x, y, *args):
+            built.append((x, y))
+            super().__init__(model, x, y, *args)
+
+    monkeypatch.setattr(eval_mod, "Runner", Spy)
+    rate = 0.2
+    eval_mod.evaluate_checkpoint(eval_cfg(ckpt, ood, f"corrupt={rate}", "sweep=[0]", "samples=[1]", "epsilons=[]"))
+    (x_report, y_report), (x_corrupt, y_corrupt) = built[0], built[-1]  # built first and last
+    assert x_report.numel() == REPORT_TOKENS and x_corrupt.shape == x_report.shape
+    assert torch.equal(y_corrupt, y_report)  # the true next characters of the clean text
+    changed = (x_corrupt != x_report).double().mean().item()
+    assert abs(changed - rate) < 5 * math.sqrt(rate * (1 - rate) / REPORT_TOKENS)
+
+
+def test_system2_logits_returns_the_kept_start(monkeypatch, one_thread):
+    """return_chosen: per position the index (0 = System 1) of the start whose thought candidate is kept;
+    samples=1 gives all zeros; the logits are those returned without return_chosen."""
+    tau, K, M = 0.1, 3, 4
+    model = make_model(entropy_weight=tau, think_lr=1.0, think_max_move=math.inf).eval()
+    e = torch.randn(3, 16, model.config.vocab_size, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    calls = []
+    real_think = ebm.think
+    monkeypatch.setattr(ebm, "think", lambda *a, **k: calls.append(real_think(*a, **k)) or calls[-1])
+    torch.manual_seed(0)
+    zs, chosen = ebm.system2_logits(model, None, e, K, samples=M, return_chosen=True)
+    torch.manual_seed(0)
+    plain = ebm.system2_logits(model, None, e, K, samples=M)
+    candidates = calls[0][-1]  # (M, 3, 16, V): every start after K steps
+    assert chosen.shape == (3, 16) and chosen.dtype == torch.long
+    assert 0 < (chosen != 0).sum() < chosen.numel()  # System 1 wins somewhere, a random start elsewhere
+    kept = candidates.gather(0, chosen[None, ..., None].expand(1, 3, 16, e.size(-1)))[0]
+    assert torch.equal(zs[-1], kept)  # the returned logits are the chosen candidate's
+    free = ebm.free_energy(candidates, ebm.linear_energy(e), tau)[1]  # (M, 3, 16)
+    assert (free.gather(0, chosen[None])[0] <= free.min(0).values + 1e-12).all()  # the lowest F
+    assert all(torch.equal(a, b) for a, b in zip(zs, plain))
+    zs1, chosen1 = ebm.system2_logits(model, None, e, K, return_chosen=True)
+    assert torch.equal(chosen1, torch.zeros(3, 16, dtype=torch.long)) and len(zs1) == K + 1
+
+
+def test_random_start_chosen_counts_chosen_indices(trained, monkeypatch):
+    """random_start_chosen is the share of report tokens whose kept start index is not 0, read from
+    system2_logits (here forced to odd positions: exactly 1/2), never from comparing logits."""
+    ckpt, ood = trained
+    real = eval_mod.system2_logits
+
+    def forced(*args, **kwargs):
+        out = real(*args, **kwargs)
+        if not kwargs.get("return_chosen") or args[5] == 1:  # the warm-up, or samples = 1
+            return out
+        zs, chosen = out
+        return zs, torch.arange(chosen.size(-1)).expand_as(chosen) % 2
+
+    monkeypatch.setattr(eval_mod, "system2_logits", forced)
+    r = eval_mod.evaluate_checkpoint(eval_cfg(ckpt, ood, "sweep=[0]", "samples=[1,2]", "epsilons=[]"))
+    m1, m2 = r["self_verification"]
+    assert m1["random_start_chosen"] == 0.0 and m2["random_start_chosen"] == 0.5
+
+
+def test_markdown_says_what_plus_minus_is(trained_result):
+    """The report's header names the bootstrap, its resamples and windows; the sweep shows loss ± se."""
+    r = trained_result
+    assert r["report_windows"] == REPORT_TOKENS // 16 and r["bootstrap_resamples"] == eval_mod.BOOTSTRAP
+    head = eval_mod.markdown(r).split("## think sweep")[0]
+    assert "bootstrap" in head and f"{eval_mod.BOOTSTRAP} " in head and f"{r['report_windows']} report windows" in head
+    row = r["think_sweep"][0]
+    assert f"{row['loss']:.4f} ± {row['se']:.4f}" in eval_mod.markdown(r)
 
 
 def test_two_runs_give_identical_figures(trained, trained_result):
