@@ -9,7 +9,8 @@ figure below). Parts, each a top-level key of eval.json (written next to the che
   think_sweep          val loss, bits per char and time per token for think_steps in `sweep`
   temperature_control  System 1 at its best temperature beside thinking: a gain that is only temperature
                        shows as such
-  self_verification    think_samples M in `samples`: M starts, keep the lowest free energy
+  self_verification    think_samples M in `samples`: M starts, keep the lowest free energy;
+                       random_start_chosen is the share of tokens whose kept start is not System 1's
   uncertainty          how well a token's final energy predicts its loss and whether its argmax is wrong
   adaptive             stop a token's thinking once its free energy changes by less than epsilon
   ood                  the sweep on text unlike the training data: the README, and val with `corrupt` of
