@@ -70,6 +70,39 @@ def descend(model, x, steps):
     return torch.stack(zs)[:, 0], free[:, 0]
 
 
+def plot_descent(plt, free, x, y, picks, vocab, energy, path):
+    """F(z_k) - F(z_0) along the think loop for the positions picks of window x (targets y)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for t in picks.tolist():
+        label = f"t={t}: {vocab.decode(x[max(0, t - 8) : t + 1].tolist())!r} -> {vocab.chars[int(y[t])]!r}"
+        ax.plot(range(free.size(0)), free[:, t] - free[0, t], marker=".", label=label)
+    ax.set_xlabel("think step k")
+    ax.set_ylabel("F(z_k) - F(z_0)")
+    ax.set_title(f"free energy along the think loop ({energy} energy)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_candidates(plt, z0, zk, k, x, y, t, vocab, top, path):
+    """The top candidates for position t of window x: System 1's probabilities beside those after k steps."""
+    p0, pk = z0.softmax(-1), zk.softmax(-1)
+    best = torch.maximum(p0, pk).topk(top).indices
+    names = [{" ": "space", "\n": "\\n"}.get(vocab.chars[i], vocab.chars[i]) for i in best.tolist()]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.bar([i - 0.2 for i in range(top)], p0[best], width=0.4, label="System 1 (p_0)")
+    ax.bar([i + 0.2 for i in range(top)], pk[best], width=0.4, label=f"after K={k} steps")
+    ax.set_xticks(range(top), names)
+    ax.set_title(f"candidates for the next char after {vocab.decode(x[max(0, t - 16) : t + 1].tolist())!r} "
+                 f"(true: {vocab.chars[int(y[t])]!r})", fontsize=9)
+    ax.set_ylabel("probability")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def visualise(cfg: VizConfig):
     try:
         import matplotlib
@@ -88,8 +121,7 @@ def visualise(cfg: VizConfig):
         written.append(out / "think_sweep.png")
     if cfg.checkpoint:
         model, vocab, run_cfg = load_model(cfg.checkpoint, pick_device(cfg.device))
-        ids = torch.tensor(vocab.encode(load_text(run_cfg["data"]["data_path"])), dtype=torch.long)
-        _, val = train_val_split(ids)
+        _, val = train_val_split(torch.tensor(vocab.encode(load_text(run_cfg["data"]["data_path"])), dtype=torch.long))
         T = model.config.block_size
         gen = torch.Generator().manual_seed(cfg.seed)
         start = int(torch.randint(len(val) - T - 1, (), generator=gen))
@@ -97,38 +129,10 @@ def visualise(cfg: VizConfig):
         zs, free = descend(model, x.view(1, -1).to(model.energy_head.weight.device), cfg.think_steps)
         zs, free = zs.cpu(), free.cpu()
         picks = torch.randperm(T, generator=gen)[: cfg.positions].sort().values
-
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for t in picks.tolist():
-            label = f"t={t}: {vocab.decode(x[max(0, t - 8) : t + 1].tolist())!r} -> {vocab.chars[int(y[t])]!r}"
-            ax.plot(range(cfg.think_steps + 1), free[:, t] - free[0, t], marker=".", label=label)
-        ax.set_xlabel("think step k")
-        ax.set_ylabel("F(z_k) - F(z_0)")
-        ax.set_title(f"free energy along the think loop ({model.config.energy} energy)")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "think_descent.png", dpi=110)
-        plt.close(fig)
-        written.append(out / "think_descent.png")
-
-        K = model.config.think_steps
-        t = int(picks[0])
-        p0, pk = zs[0, t].softmax(-1), zs[min(K, cfg.think_steps), t].softmax(-1)
-        top = torch.maximum(p0, pk).topk(cfg.top).indices
-        names = [{" ": "space", "\n": "\\n"}.get(vocab.chars[i], vocab.chars[i]) for i in top.tolist()]
-        fig, ax = plt.subplots(figsize=(7, 3.5))
-        ax.bar([i - 0.2 for i in range(cfg.top)], p0[top], width=0.4, label="System 1 (p_0)")
-        ax.bar([i + 0.2 for i in range(cfg.top)], pk[top], width=0.4, label=f"after K={min(K, cfg.think_steps)} steps")
-        ax.set_xticks(range(cfg.top), names)
-        truth = vocab.chars[int(y[t])]
-        ax.set_title(f"candidates for the next char after {vocab.decode(x[max(0, t - 16) : t + 1].tolist())!r} "
-                     f"(true: {truth!r})", fontsize=9)
-        ax.set_ylabel("probability")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "candidates.png", dpi=110)
-        plt.close(fig)
-        written.append(out / "candidates.png")
+        plot_descent(plt, free, x, y, picks, vocab, model.config.energy, out / "think_descent.png")
+        k, t = min(model.config.think_steps, cfg.think_steps), int(picks[0])
+        plot_candidates(plt, zs[0, t], zs[k, t], k, x, y, t, vocab, cfg.top, out / "candidates.png")
+        written += [out / "think_descent.png", out / "candidates.png"]
     if not written:
         raise UserError("nothing to plot: pass checkpoint=PATH and/or evals='[a/eval.json,b/eval.json]'")
     print("wrote " + ", ".join(str(p) for p in written))

@@ -1,5 +1,7 @@
-"""Every command in README.md runs (with tiny sizes and step counts appended), so the docs cannot drift."""
+"""Every command in README.md and docs/*.md runs (with tiny sizes and step counts appended), so the docs
+cannot drift."""
 
+import json
 import re
 import shlex
 import subprocess
@@ -7,9 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
-import json
-import subprocess
 
 import bench as bench_mod
 import eval as eval_mod
@@ -19,15 +18,21 @@ TINY_BENCH = ["bench.steps=1", "bench.repeats=1", "bench.warmup=1", "bench.gen_t
 TINY_EVAL = ["max_tokens=1024", "sweep=[0,1,2]", "samples=[1,2]", "epsilons=[0.1]"]
 
 
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
 def readme_commands():
-    """The `uv run ...` lines of README.md's bash blocks, each split as a shell would, comments dropped."""
-    text = (REPO / "README.md").read_text()
+    """The `uv run ...` lines of the bash blocks of README.md and docs/*.md, each split as a shell would,
+    comments dropped. Commands that compile (torch.compile takes tens of seconds on CPU) are marked slow."""
     commands = []
-    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
-        for line in block.splitlines():
-            words = shlex.split(line, comments=True)
-            if words[:2] == ["uv", "run"]:
-                commands.append(words[2:])  # `--extra plots` stays: the test runs those through uv itself
+    for doc in DOCS:
+        for block in re.findall(r"```bash\n(.*?)```", doc.read_text(), flags=re.S):
+            for line in block.splitlines():
+                words = shlex.split(line, comments=True)
+                if words[:2] == ["uv", "run"]:  # `--extra plots` stays: the test runs those through uv itself
+                    slow = any(w in ("train.compile=true", "compile=true") for w in words)
+                    commands.append(pytest.param(words[2:], id=f"{doc.name}: {' '.join(words[2:])}",
+                                                 marks=pytest.mark.slow if slow else ()))
     return commands
 
 
@@ -35,9 +40,20 @@ COMMANDS = readme_commands()
 
 
 def test_readme_has_the_two_commands():
-    """The README documents `uv sync`-free `uv run train.py` and `uv run pytest` as the two commands."""
-    assert ["train.py"] in COMMANDS and ["pytest"] in COMMANDS
+    """The README shows the two commands (train, sample) and the test command; docs/ holds the rest."""
+    readme = [c.values[0] for c in COMMANDS if c.id.startswith("README.md")]
+    assert ["train.py"] in readme and ["pytest"] in readme and any(c[0] == "sample.py" for c in readme)
     assert len(COMMANDS) >= 15
+
+
+def test_docs_links_resolve():
+    """Every relative link in README.md and docs/*.md points to a file that exists."""
+    missing = []
+    for doc in DOCS:
+        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", doc.read_text()):
+            if not (doc.parent / target).exists():
+                missing.append(f"{doc.name}: {target}")
+    assert not missing
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +63,9 @@ def tiny_checkpoint(tmp_path_factory):
     return out / "final.pt"
 
 
-@pytest.mark.parametrize("words", COMMANDS, ids=[" ".join(c) for c in COMMANDS])
+@pytest.mark.parametrize("words", COMMANDS)
 def test_readme_command_runs(words, tmp_path, tiny_checkpoint, capsys, monkeypatch):
-    """This README command runs as written (only sizes, steps and paths are shrunk or redirected)."""
+    """This command of README.md or docs/ runs as written (only sizes, steps and paths are shrunk or redirected)."""
     if words[0] == "--extra":  # an optional extra: run it as written, through uv, as a user would
         return run_with_extra(words, tmp_path, tiny_checkpoint)
     script, args = (words[1], words[2:]) if words[0] == "python" else (words[0], words[1:])

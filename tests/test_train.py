@@ -89,7 +89,7 @@ RESUME_MODES = {
     "plain": ["model.dropout=0.1", "model.think_noise=0.05"],  # dropout and think noise use the torch RNG
     "pcd": ["model.use_contrastive=true", "model.contrastive_type=pcd", "model.n_persistent=50"],
     "fast_pcd": ["model.use_contrastive=true", "model.contrastive_type=fast_pcd", "model.n_persistent=50"],
-    "replay": ["model.replay_size=6", "model.replay_frac=0.5", "model.n_persistent=50"],  # EBT replay buffer
+    "replay": ["model.replay_size=6", "model.replay_frac=0.5"],  # EBT replay buffer
     "accum_bf16": ["train.grad_accum_steps=2", "train.dtype=bfloat16"],  # micro-batches, autocast
 }
 CHAIN_MODES = ("pcd", "fast_pcd", "replay")  # the modes with a ChainState
@@ -107,7 +107,8 @@ def test_resume_is_exact(mode, corpus, tmp_path, capsys):
     ckpt = load_ckpt(tmp_path / "resumed" / "ckpt.pt")
     assert ckpt["step"] == n
     if mode in CHAIN_MODES:
-        assert "chains" in ckpt and ckpt["chains"][0]["chains"].shape == (50, 22)  # entry r: rank r
+        n_chains = ckpt["config"]["model"]["n_persistent"]
+        assert "chains" in ckpt and ckpt["chains"][0]["chains"].shape == (n_chains, 22)  # entry r: rank r
     capsys.readouterr()
     run_train(common + [f"train.max_steps={n + m}", f"out_dir={tmp_path / 'resumed'}", "train.resume=true"])
     assert f"at step {n}" in capsys.readouterr().out
@@ -129,11 +130,45 @@ def test_resume_is_exact(mode, corpus, tmp_path, capsys):
 
 
 def test_resume_with_another_model_is_refused(corpus, tmp_path, capsys):
-    """Resuming with a different model.* than ckpt.pt was trained with fails with one clear message."""
+    """Resuming with another architecture or block size than ckpt.pt fails with one line naming the key."""
     run_train(TINY + [f"data.data_path={corpus}", f"out_dir={tmp_path}"])
-    with pytest.raises(UserError, match="another model config"):
-        run_train(TINY + [f"data.data_path={corpus}", f"out_dir={tmp_path}", "train.resume=true",
-                          "train.max_steps=6", "model.n_embd=64"])
+    for change, key in (("model.n_embd=64", "model.n_embd"), ("model.energy=mixture", "model.energy"),
+                        ("data.block_size=8", "data.block_size")):
+        with pytest.raises(UserError, match=f"another {key}") as err:
+            run_train(TINY + [f"data.data_path={corpus}", f"out_dir={tmp_path}", "train.resume=true",
+                              "train.max_steps=6", change])
+        assert "\n" not in str(err.value)
+
+
+def test_resume_with_another_loss_weight_or_think_option_is_noted(corpus, tmp_path, capsys):
+    """Changing a loss weight or a think option on resume is allowed, printed as a note, and takes effect."""
+    run_train(TINY + [f"data.data_path={corpus}", f"out_dir={tmp_path}"])
+    capsys.readouterr()
+    cfg = run_train(TINY + [f"data.data_path={corpus}", f"out_dir={tmp_path}", "train.resume=true",
+                            "train.max_steps=5", "model.aux_ce_weight=0.5", "model.think_steps=3"])
+    out = capsys.readouterr().out
+    assert "note: resuming with" in out and "model.aux_ce_weight=0.5 (was 0.1)" in out
+    assert "model.think_steps=3 (was 2)" in out and "train.max_steps=5 (was 3)" in out
+    ckpt = load_ckpt(tmp_path / "final.pt")
+    assert ckpt["step"] == 5 and ckpt["config"]["model"]["think_steps"] == cfg.model.think_steps == 3
+
+
+@pytest.mark.parametrize("options, inert", [
+    (["model.ce_all_steps=true", "model.think_truncate=true"], "model.ce_all_steps"),
+    (["model.think_steps=0", "model.think_noise=0.1"], "model.think_noise"),
+    (["model.think_steps=0", "model.replay_size=8"], "model.replay_size"),
+    (["model.energy_layers=0"], "model.energy_layers"),  # the default energy is linear
+    (["model.mixture_stopgrad=false"], "model.mixture_stopgrad"),
+    (["model.contrastive_k=5"], "model.contrastive_k"),  # contrastive training is off
+    (["model.use_contrastive=true", "model.n_persistent=50"], "model.n_persistent"),  # cd has no buffer
+    (["model.use_contrastive=true", "model.contrastive_type=pcd", "model.fast_weight_lr=0.1"], "model.fast_weight_lr"),
+    (["train.think_lr_lr_mult=3"], "train.think_lr_lr_mult"),
+])
+def test_options_that_would_do_nothing_are_refused(options, inert, corpus, tmp_path):
+    """An option set where it has no effect is refused with one line that names it, before any training."""
+    with pytest.raises(UserError, match=f"{inert}=.* does nothing") as err:
+        run_train(TINY + [f"data.data_path={corpus}", f"out_dir={tmp_path}"] + options)
+    assert "\n" not in str(err.value) and not (tmp_path / "ckpt.pt").exists()
 
 
 # ---------------------------------------------------------------------------------------------------
