@@ -292,7 +292,9 @@ DOCUMENTED = {  # override -> (attribute path, expected value)
 
 def test_every_documented_train_key_lands():
     """Every override key of seeds/001 (and model.refine_steps, an alias of think_steps) sets its field."""
-    cfg = helpers.compose_cfg("train", list(DOCUMENTED) + ["model.think_steps=2", "model.refine_steps=6"])
+    # (model.energy=mixture: mixture_stopgrad=false would do nothing with the linear energy, and is refused there)
+    cfg = helpers.compose_cfg("train", list(DOCUMENTED) + ["model.think_steps=2", "model.refine_steps=6",
+                                                           "model.energy=mixture"])
     assert isinstance(cfg, trainer.RunConfig)
     for override, (path, expected) in DOCUMENTED.items():
         assert _get(cfg, path) == expected, override
