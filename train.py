@@ -160,9 +160,10 @@ class StopRequest:
             signal.signal(s, handler)
 
 
-def check_finite(loss, what, step, out_dir):
+def check_finite(loss, what, when, out_dir):
+    """A NaN or infinite loss stops the run with one line; ckpt.pt from the last evaluation is kept."""
     if not math.isfinite(loss):
-        raise UserError(f"the {what} became {loss} at step {step}; the last good checkpoint "
+        raise UserError(f"the {what} became {loss} {when}; the last good checkpoint "
                         f"({Path(out_dir) / 'ckpt.pt'}) is kept: lower train.learning_rate")
 
 
@@ -257,13 +258,13 @@ def train_processes(cfg: RunConfig, procs: Processes):
 
             if step % t.log_interval == 0 or last:  # the only sync between evals; a NaN on any process stops all
                 train_loss = procs.mean(loss_sum).item() / n_sum
-                check_finite(train_loss, "training loss", step, cfg.out_dir)
+                check_finite(train_loss, "training loss", f"before step {step}", cfg.out_dir)
                 log.progress(step, train_loss, lr, t.log_interval * rows * cfg.data.block_size / (time.time() - t_log))
                 t_log = time.time()
 
             if step % t.eval_interval == 0 or last:
                 val, val_s1 = evaluate(model, data, cfg, device, procs)
-                check_finite(val, "val loss", step, cfg.out_dir)
+                check_finite(val, "val loss", f"at step {step}", cfg.out_dir)
                 train_loss = procs.mean(loss_sum).item() / n_sum
                 log.eval({"step": step, "val_loss": val, "val_loss_s1": val_s1, "train_loss": train_loss,
                           "lr": lr, "time_s": round(time.time() - t_start, 2)})

@@ -129,8 +129,12 @@ def inert_options(cfg: RunConfig):
         (("fast_weight_lr", "fast_weight_decay"), m.contrastive_type == "fast_pcd",
          f"model.contrastive_type={m.contrastive_type}"),
     ]
-    problems = [f"model.{k}={str(getattr(m, k)).lower()} does nothing with {why}: drop it"
-                for keys, acts, why in rules if not acts for k in keys if getattr(m, k) != getattr(default, k)]
+    inert = {}  # key -> the first reason it does nothing
+    for keys, acts, why in rules:
+        for k in keys:
+            if not acts and getattr(m, k) != getattr(default, k):
+                inert.setdefault(k, why)
+    problems = [f"model.{k}={str(getattr(m, k)).lower()} does nothing with {why}: drop it" for k, why in inert.items()]
     if not m.think_lr_learnable and t.think_lr_lr_mult != TrainConfig().think_lr_lr_mult:
         problems.append(f"train.think_lr_lr_mult={t.think_lr_lr_mult} does nothing without "
                         "model.think_lr_learnable=true: drop it")
