@@ -128,13 +128,14 @@ def test_think_step_does_not_depend_on_batch_or_length(max_move):
     for tau in (0.0, 0.3):
         one = ebm.think(z_one, ebm.linear_energy(e_one), 10, 0.7, tau, max_move)[-1]
         big = ebm.think(z_big, ebm.linear_energy(e_big), 10, 0.7, tau, max_move)[-1]
-        assert torch.allclose(one[0, 0], big[5, 9], rtol=0, atol=1e-13)
+        # one row alone vs inside a batch: float64 tolerance, not bit equality (kernels may split shapes differently)
+        assert torch.allclose(one[0, 0], big[5, 9], rtol=1e-10, atol=1e-12)
         assert (one - z_one).abs().max() > 1e-2  # thinking moved the row by a step that is not divided by B*T
     # the same through system2_logits with a model config
     model = make_model(think_lr=0.7, think_max_move=max_move, entropy_weight=0.3)
     one = ebm.system2_logits(model, None, e_one, 5)[-1]
     big = ebm.system2_logits(model, None, e_big, 5)[-1]
-    assert torch.allclose(one[0, 0], big[5, 9], rtol=0, atol=1e-13)
+    assert torch.allclose(one[0, 0], big[5, 9], rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
@@ -428,9 +429,10 @@ def test_fast_weights_are_used_only_while_sampling():
     idx, targets = seq_batch(seed=8)
     terms0, e0 = run_losses(model, idx, targets, state0)
     terms1, e1 = run_losses(model, idx, targets, state1)
+    # exact: the same forward and thinking on the same tokens with the same seed (the state enters only via cd)
     assert torch.equal(e0, e1)
-    assert torch.allclose(terms0["ce"], terms1["ce"], rtol=0, atol=0)
-    assert torch.allclose(terms0["ce_s1"], terms1["ce_s1"], rtol=0, atol=0)
+    assert torch.equal(terms0["ce"], terms1["ce"])
+    assert torch.equal(terms0["ce_s1"], terms1["ce_s1"])
     assert (terms0["cd"] - terms1["cd"]).abs().max() > 1e-3
     # plain pcd ignores the fast weights
     model.config.contrastive_type = "pcd"
@@ -438,7 +440,7 @@ def test_fast_weights_are_used_only_while_sampling():
     state2.fast_weight.copy_(state1.fast_weight)
     terms_p0, _ = run_losses(model, idx, targets, copy.deepcopy(state0))
     terms_p2, _ = run_losses(model, idx, targets, state2)
-    assert torch.equal(terms_p0["cd"], terms_p2["cd"])
+    assert torch.equal(terms_p0["cd"], terms_p2["cd"])  # exact: the same computation, the fast weights unread
     assert torch.equal(state2.fast_weight, state1.fast_weight)  # and does not update them
 
 

@@ -392,8 +392,8 @@ def test_report_is_consistent_across_parts(trained_result):
     r = trained_result
     sweep = {row["think_steps"]: row for row in r["think_sweep"]}
     assert r["tokens"] == REPORT_TOKENS and r["tune_tokens"] == TUNE_TOKENS
-    assert sweep[0]["delta"] == 0.0 and sweep[0]["delta_se"] == 0.0
-    assert sweep[2]["loss"] != sweep[0]["loss"]  # thinking does something on this model
+    assert sweep[0]["delta"] == 0.0 and sweep[0]["delta_se"] == 0.0  # exact: K = 0 is System 1, the same tensor
+    assert abs(sweep[2]["loss"] - sweep[0]["loss"]) > 1e-3  # thinking does something on this model (not rounding)
     t = r["temperature_control"]
     assert r["think_steps"] == t["think_steps"] == 2  # the model's think_steps
     assert t["s1"]["loss"] == pytest.approx(sweep[0]["loss"], abs=1e-9)
@@ -415,7 +415,8 @@ def test_report_is_consistent_across_parts(trained_result):
         best = min(o["sweep"], key=lambda row: row["loss"])
         assert o["best_think_steps"] == best["think_steps"]
         assert o["gain"] == pytest.approx(-best["delta"], abs=1e-12) and o["gain"] >= 0
-    assert r["ood"]["corrupted_val"]["sweep"][0]["loss"] != sweep[0]["loss"]  # 5% substituted: not val
+    # 5% of the inputs substituted: not val (~4e-5 apart on this model, which uses little context; rounding ~1e-7)
+    assert abs(r["ood"]["corrupted_val"]["sweep"][0]["loss"] - sweep[0]["loss"]) > 1e-5
 
 
 def test_corrupt_zero_copies_val(trained):

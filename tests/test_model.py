@@ -50,7 +50,7 @@ def test_kv_cache_multi_token_chunks(tiny_model):
 
 
 def test_kv_cache_float32(tiny_factory):
-    """The cache works in the default float32 too (atol 1e-5)."""
+    """The cache works in the default float32 too (rtol, atol 1e-5)."""
     model = tiny_factory(dtype=torch.float32).eval()
     idx = tokens(2, BS, seed=2)
     with torch.no_grad():
@@ -58,7 +58,7 @@ def test_kv_cache_float32(tiny_factory):
         caches = model.new_caches(2)
         assert caches[0].k.dtype == torch.float32
         parts = [model(idx[:, :4], caches)] + [model(idx[:, t:t + 1], caches) for t in range(4, BS)]
-    assert torch.allclose(torch.cat(parts, 1), full, rtol=0, atol=1e-5)
+    assert torch.allclose(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-5)
 
 
 def test_forward_refuses_more_than_block_size(tiny_model):
@@ -87,7 +87,7 @@ def test_generate_cache_equals_no_cache_within_block(tiny_factory, think_steps, 
         b = ebm.generate(model, prompt, n, think_steps, topk=topk, use_cache=False)
         assert a.shape == (2, BS)
         assert torch.equal(a[:, :prompt_len], prompt)
-        assert torch.equal(a, b)
+        assert torch.equal(a, b)  # tokens: the picks' top-2 logit gaps (> 1e-4) dwarf float64 rounding
 
 
 def reference_logits(model, window, think_steps, topk=0):
@@ -224,7 +224,7 @@ def test_compiled_generation_equals_eager(tiny_factory, energy):
     idx = torch.randint(0, model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(0))
     eager = ebm.generate(model, idx, 30, 3)  # 5 + 30 tokens > block_size 16: crosses a cache rebuild
     compiled = ebm.generate(model, idx, 30, 3, compile=True)
-    assert torch.equal(eager, compiled)
+    assert torch.equal(eager, compiled)  # tokens: the picks' top-2 logit gaps (> 3e-5) dwarf float32 rounding
     caches = model.new_caches(2)
     h = model(idx, caches)[:, -1:]
     torch.testing.assert_close(torch.compile(ebm.next_logits)(model, h, 3, 0, caches),
