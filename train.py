@@ -192,6 +192,8 @@ def check_wandb(cfg: RunConfig):
     """
     if not cfg.wandb_project or int(os.environ.get("RANK", "0")) > 0:
         return
+    if os.environ.get("WANDB_MODE") in ("offline", "dryrun", "disabled"):  # no login needed (read first: wandb's
+        return  # own settings are a per-process singleton that may predate this environment)
     import wandb
 
     try:
