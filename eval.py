@@ -189,8 +189,8 @@ class Pass:
 class Runner:
     """Forward passes over fixed windows, in batches, timed; what each think setting costs per token."""
 
-    def __init__(self, model, x, y, batch_size, device):
-        self.model, self.x, self.y, self.bs, self.device = model, x, y, batch_size, device
+    def __init__(self, model, x, y, batch_size, device, seed=1337):
+        self.model, self.x, self.y, self.bs, self.device, self.seed = model, x, y, batch_size, device, seed
         self.targets = y.reshape(-1)
         self.tokens = y.numel()
 
@@ -212,6 +212,7 @@ class Runner:
         the model's); energies: with E and F."""
         z0s, zks, chosen, Es, Fs = [], [], [], [], []
         self.warm_up(steps, samples)
+        torch.manual_seed(self.seed)  # random starts (self-verification, think_start=noise): the same every run
         sync(self.device)
         t0 = time.perf_counter()
         for x in self.batches():
@@ -257,6 +258,7 @@ class Runner:
         removed, so this measures steps, not wall time."""
         cfg = self.model.config
         zks, used = [], []
+        torch.manual_seed(self.seed)
         for x in self.batches():
             h, e, caches = observe(self.model, x)
             energy = make_energy(self.model, h, e, caches)
@@ -374,12 +376,12 @@ def ood_part(cfg, report, val_sweep, ood_path, vocab):
     ood = ood_path.read_text(encoding="utf-8", errors="replace")
     kept = [c for c in ood if c in vocab.stoi]
     ood_runner = Runner(model, *windows(torch.tensor(vocab.encode(kept), dtype=torch.long), bs), cfg.batch_size,
-                        device)
+                        device, cfg.seed)
     # corrupted val: the report windows with a fraction `corrupt` of their INPUT characters substituted. The
     # targets stay the clean text's next characters: scoring the prediction of a random substitute would
     # punish any sharpening, i.e. bias the verdict against thinking.
     x_corrupt = corrupt_ids(report.x, cfg.corrupt, len(vocab), torch.Generator().manual_seed(cfg.seed))
-    corrupt_runner = Runner(model, x_corrupt, report.y, cfg.batch_size, device)
+    corrupt_runner = Runner(model, x_corrupt, report.y, cfg.batch_size, device, cfg.seed)
     sweeps = {"val": (val_sweep, report.tokens, 0),
               "ood_text": (ood_runner.sweep(cfg.sweep), ood_runner.tokens, len(ood) - len(kept)),
               "corrupted_val": (corrupt_runner.sweep(cfg.sweep), corrupt_runner.tokens, 0)}
@@ -413,8 +415,8 @@ def evaluate_checkpoint(cfg: EvalConfig):
     tune = torch.arange(x.size(0)) % 5 == 0
     if tune.all():
         raise UserError("the val split is too short for a tune and a report slice: raise max_tokens")
-    report = Runner(model, x[~tune], y[~tune], cfg.batch_size, device)
-    tuner = Runner(model, x[tune], y[tune], cfg.batch_size, device)
+    report = Runner(model, x[~tune], y[~tune], cfg.batch_size, device, cfg.seed)
+    tuner = Runner(model, x[tune], y[tune], cfg.batch_size, device, cfg.seed)
     result = {"checkpoint": str(cfg.checkpoint), "energy": mcfg.energy, "model_think_steps": mcfg.think_steps,
               "think_steps": K, "tokens": report.tokens, "tune_tokens": tuner.tokens, "device": device,
               "uniform_loss": math.log(len(vocab)), "report_windows": report.x.size(0),
