@@ -59,8 +59,8 @@ ConfigStore.instance().store(name="train_schema", node=RunConfig)
 
 CONTRASTIVE_TYPES = ("cd", "pcd", "fast_pcd")
 ENERGIES = ("linear", "mixture", "transformer")
-CHOICES = {"think_rule": ("free_energy", "ebt"), "think_start": ("s1", "noise", "zeros"), "think_clip": ("hard", "smooth"),
-           "verify_by": ("free_energy", "energy"), "cand_embed": ("wte", "linear")}
+CHOICES = {"think_rule": ("free_energy", "ebt"), "think_start": ("s1", "noise", "zeros"),
+           "think_clip": ("hard", "smooth"), "verify_by": ("free_energy", "energy"), "cand_embed": ("wte", "linear")}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
