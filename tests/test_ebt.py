@@ -332,8 +332,12 @@ def test_ebt_presets_train_sample_and_evaluate(preset, tmp_path, capsys):
     ckpt = tmp_path / "out" / "final.pt"
     texts = run_sample([f"checkpoint={ckpt}", "max_new_tokens=6", "prompt=ab", "think_samples=2"], capsys)
     assert len(texts) == 1 and len(texts[0].strip()) >= 8
-    r = eval_mod.evaluate_checkpoint(compose_cfg("eval", [f"checkpoint={ckpt}", "max_tokens=1024", "sweep=[0,1,2]",
-                                                          "samples=[1,2]", "epsilons=[0.1]", "device=cpu"]))
+    eval_cfg = compose_cfg("eval", [f"checkpoint={ckpt}", "max_tokens=1024", "sweep=[0,1,2]", "samples=[1,2]",
+                                    "epsilons=[0.1]", "device=cpu"])
+    r = eval_mod.evaluate_checkpoint(eval_cfg)
+    again = eval_mod.evaluate_checkpoint(eval_cfg)  # noise starts are seeded: the same figures every run
+    assert [row["loss"] for row in again["think_sweep"]] == [row["loss"] for row in r["think_sweep"]]
+    assert again["self_verification"][1]["loss"] == r["self_verification"][1]["loss"]
     x = r["exact_verifier"]
     assert 0 <= x["argmax_is_argmin"] <= 1 and 0 <= x["accuracy"] <= 1 and x["temperature"] > 0
     assert r["self_verification"][1]["verify_by"] == "energy" and "by_free_energy" in r["self_verification"][1]
