@@ -4,13 +4,14 @@ What thinking costs, measured side by side: `uv run bench.py [train overrides] [
 1. Training tokens/s and ms/step at think_steps 0 and K for each energy in bench.energies, interleaved
    (0, K, 0, K, ...) so that a noisy machine slows both alike; the median of bench.repeats windows.
 2. Model FLOPs utilisation: the achieved FLOP/s of training at think_steps 0 (the configured energy) as a
-   fraction of a matmul peak measured here, on the same machine, a moment before.
+   fraction of a matmul peak measured here in train.dtype, on the same machine, a moment before.
 3. Training tokens/s of the configured model at think_steps K in float32 eager, compiled
-   (train.compile, with bench.compile) and bfloat16 (train.dtype; float16 too on CUDA), interleaved.
+   (train.compile, with bench.compile) and each of bench.dtypes (default bfloat16), interleaved.
 4. Generation tokens/s (greedy, batch 1) with and without the KV cache, System 1 and thinking with
    bench.gen_think_steps, eager and (bench.compile) compiled.
 5. Peak memory: the process's peak resident set on CPU, peak allocated memory per setting on CUDA.
-bench.profile=true prints where the time of a training step goes (torch.profiler, by operator).
+bench.profile=true prints where the time of a training step goes (torch.profiler, by operator; on CUDA by
+kernel time).
 Prints tables and writes bench.json (in out_dir).
 """
 
@@ -29,7 +30,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 
 from ebm import generate
-from trainer import RunConfig, check_dtype, compiled, grad_scaler, setup, train_step
+from trainer import DTYPES, RunConfig, check_dtype, compiled, grad_scaler, setup, train_step
 from util import UserError, check_overrides, run, sync
 
 
@@ -72,17 +73,25 @@ def timed(fn, repeats):
     return statistics.median(times)
 
 
-def matmul_peak(device, n=1024, repeats=10):
-    """FLOP/s of an n x n x n float32 matmul: the machine's practical peak for dense math."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+def matmul_peak(device, dtype="float32", repeats=10):
+    """
+    FLOP/s of n x n x n matmuls in dtype (train.dtype, the precision training's matmuls run in): the device's
+    practical peak for dense math. CPU: n = 1024, one matmul per timing. A GPU needs big matmuls (n = 4096) and
+    many per synchronisation (20) to reach its peak, or launch and sync overheads would be timed instead.
+    """
+    gpu = torch.device(device).type != "cpu"
+    n, calls = (4096, 20) if gpu else (1024, 1)
+    a, b = (torch.randn(n, n, device=device, dtype=DTYPES[dtype]) for _ in range(2))
     for _ in range(3):
         a @ b
+    sync(device)
 
     def mm():
-        a @ b
+        for _ in range(calls):
+            a @ b
         sync(device)
 
-    return 2 * n**3 / timed(mm, repeats)
+    return 2 * n**3 * calls / timed(mm, repeats)
 
 
 def train_flops_per_token(model, T):
@@ -142,28 +151,36 @@ def bench_training(cfg, energy, b):
 
 def bench_variants(cfg, b, model, optimizer, state, batches, device):
     """Training tokens/s at think_steps b.think_steps: float32 eager, compiled, and each of b.dtypes."""
-    settings = {"float32 eager": (model, cfg, b.think_steps)}
+    f32 = copy.deepcopy(cfg)
+    f32.train.dtype = "float32"  # the rows named float32 are float32 whatever train.dtype says
+    settings = {"float32 eager": (model, f32, b.think_steps)}
     if b.compile:
-        c = copy.deepcopy(cfg)
+        c = copy.deepcopy(f32)
         c.train.compile = True
-        settings["float32 compiled"] = (compiled(model, c), cfg, b.think_steps)
+        settings["float32 compiled"] = (compiled(model, c), f32, b.think_steps)
     for dtype in b.dtypes:
         c = copy.deepcopy(cfg)
         c.train.dtype = dtype
-        check_dtype(dtype, torch.device(device).type)  # one line if this device cannot
+        check_dtype(dtype, torch.device(device).type, cfg.model.energy)  # one line if this device cannot
         settings[f"{dtype} eager"] = (model, c, b.think_steps)
     return interleaved(settings, optimizer, state, batches, b, device)
 
 
 def profile_training(model, optimizer, state, cfg, batches, steps=5):
-    """Where a training step's time goes, by operator (torch.profiler), at think_steps 0."""
+    """Where a training step's time goes, by operator (torch.profiler), at think_steps 0. On CUDA the kernels
+    are recorded too and the table is sorted by their time (the CPU side only queues them)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    device = batches[0][0].device
+    cuda = device.type == "cuda"
+    scaler = grad_scaler(cfg.train.dtype, device.type)
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
         for i in range(steps):
             x, y = batches[i % len(batches)]
-            train_step(model, optimizer, x, y, state, cfg, think_steps=0)
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
+            train_step(model, optimizer, x, y, state, cfg, think_steps=0, scaler=scaler)
+        sync(device)
+    return prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=20)
 
 
 def bench_generation(model, data, cfg, b, device):
@@ -181,6 +198,7 @@ def bench_generation(model, data, cfg, b, device):
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         generate(model, prompt, 8, k, use_cache=cache, compile=compiled)  # warm-up (and compiling)
+        sync(device)
         warmup_s = time.perf_counter() - t0
 
         def gen():
@@ -203,14 +221,14 @@ def bench(cfg: BenchRun):
         result["train"][energy], ctx = bench_training(cfg, energy, b)
         if energy == cfg.model.energy:  # the configured model: MFU, profile and generation use it
             device, data, model, optimizer, state, batches = ctx
-    peak = matmul_peak(device)
+    peak = matmul_peak(device, cfg.train.dtype)
     per_token = train_flops_per_token(model, cfg.data.block_size)
     achieved = per_token * result["train"][cfg.model.energy]["think_steps=0"]["tokens_per_s"]
     result.update({
         "device": device, "threads": torch.get_num_threads(), "energy": cfg.model.energy,
         "params": model.num_params(), "batch_size": cfg.data.batch_size, "block_size": cfg.data.block_size,
         "mfu": {"train_flops_per_token": per_token, "achieved_flops": achieved, "matmul_peak_flops": peak,
-                "fraction_of_peak": achieved / peak},
+                "matmul_peak_dtype": cfg.train.dtype, "fraction_of_peak": achieved / peak},
     })
     result["variants"] = bench_variants(cfg, b, model, optimizer, state, batches, device)
     if b.profile:
@@ -237,7 +255,7 @@ def report(r, b):
                    f"{k['ms_per_step']:.1f} | {t['ratio']:.3f} | {t['peak_memory_mb']:.0f} |")
     out += ["", f"model FLOPs utilisation at K=0: {m['achieved_flops'] / 1e9:.1f} GFLOP/s achieved "
             f"({m['train_flops_per_token'] / 1e6:.2f} MFLOP/token) of a measured {m['matmul_peak_flops'] / 1e9:.1f} "
-            f"GFLOP/s matmul peak = {m['fraction_of_peak']:.1%}"]
+            f"GFLOP/s {m['matmul_peak_dtype']} matmul peak = {m['fraction_of_peak']:.1%}"]
     out += ["", f"| training at K={b.think_steps} ({r['energy']}) | tokens/s | ms/step | first steps s |", "|---|---|---|---|"]
     for name, v in r["variants"].items():
         out.append(f"| {name} | {v['tokens_per_s']:.0f} | {v['ms_per_step']:.1f} | {v['first_steps_s']:.1f} |")

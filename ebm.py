@@ -51,20 +51,24 @@ def mixture_energy(model, h, e):
     E(h, p) = <p, W_E h> + beta * g([h, ybar(p)]),  ybar(p) = sum_v p_v W_emb[v],  g = proj(gelu(fc(.))).
     dE/dp = e + beta * W_emb dg/dybar, in closed form. With model.mixture_stopgrad, p inside g is a constant
     for backprop: each step re-evaluates the energy vector at the current p and descends it as if linear.
+    In float32 even under autocast, as the linear head's e (model.energies): the energy vector enters the think
+    loop's small logit moves.
     """
     d = h.size(-1)
     W1, b1 = model.mix_fc.weight, model.mix_fc.bias  # (H, 2d), (H,)
     w2 = model.mix_proj.weight[0]  # (H,)
-    pre_h = F.linear(h, W1[:, :d], b1)  # (..., H): the context's part of fc, once per position
-    M = model.transformer.wte.weight @ W1[:, d:].t()  # (V, H): fc of each token's embedding, once per batch
+    with torch.autocast(h.device.type, enabled=False):
+        pre_h = F.linear(h.to(W1.dtype), W1[:, :d], b1)  # (..., H): the context's part of fc, once per position
+        M = model.transformer.wte.weight @ W1[:, d:].t()  # (V, H): fc of each token's embedding, once per batch
     beta = model.mix_beta
 
     def energy(p, step=None):
-        q = p.detach() if model.config.mixture_stopgrad else p
-        pre = pre_h + q @ M  # (..., H) = fc([h, ybar(q)])
-        g = F.gelu(pre) @ w2  # (...)
-        dg_dp = (w2 * gelu_grad(pre)) @ M.t()  # (..., V) = W_emb dg/dybar
-        return (p * e).sum(-1) + beta * g, e + beta * dg_dp
+        with torch.autocast(p.device.type, enabled=False):
+            q = p.detach() if model.config.mixture_stopgrad else p
+            pre = pre_h + q @ M  # (..., H) = fc([h, ybar(q)])
+            g = F.gelu(pre) @ w2  # (...)
+            dg_dp = (w2 * gelu_grad(pre)) @ M.t()  # (..., V) = W_emb dg/dybar
+            return (p * e).sum(-1) + beta * g, e + beta * dg_dp
 
     return energy
 
@@ -83,9 +87,10 @@ def transformer_energy(model, caches):
         with torch.enable_grad():
             if not p.requires_grad:
                 p = p.detach().requires_grad_()
-            E = model.candidate_energy(model.candidate_embedding(p), caches, step)  # (..., T): slot t sees p_t only
+            # (..., T): slot t sees p_t only; float32 even under autocast (the readout is)
+            E = model.candidate_energy(model.candidate_embedding(p), caches, step)
             (dE_dp,) = torch.autograd.grad(E.sum(), p, create_graph=create_graph)
-        return E, dE_dp
+        return E, dE_dp  # dE/dp has p's dtype: float32 under autocast too (p = softmax of float32 logits)
 
     return energy
 
@@ -317,6 +322,22 @@ class ChainState(nn.Module):
 DATA_SMOOTHING = 0.1  # CD chains start at the data: p_0 = 0.9 * onehot(y) + 0.1 / V (one-hot has no gradient)
 
 
+def write_chains(chains, slot, z):
+    """
+    chains[slot] = z for the PCD buffer chains (N, V), drawn slots slot (...) and new chain states z (..., V).
+    Rule: when several positions drew the same slot, the last of them in flattened (row-major) order wins.
+    A plain `chains[slot] = z` leaves the winner to the device (on CUDA it changes from run to run); here it
+    is computed: a stable sort groups each slot's positions in order, searchsorted finds each group's end.
+    Fixed shapes, no scatter and no host sync.
+    """
+    slot, z = slot.flatten(), z.reshape(-1, z.size(-1))
+    sorted_slot, order = torch.sort(slot, stable=True)
+    ks = torch.arange(chains.size(0), device=slot.device)
+    end = (torch.searchsorted(sorted_slot, ks, right=True) - 1).clamp(min=0)  # slot k's last entry, if drawn
+    drawn = sorted_slot[end] == ks
+    chains.copy_(torch.where(drawn.unsqueeze(-1), z[order[end]].to(chains.dtype), chains))
+
+
 def contrastive_loss(cfg, h, e, targets, state=None):
     """
     Per-position L_cd = (E_pos - E_neg) + reg * (E_pos^2 + E_neg^2), shape (B, T).
@@ -344,7 +365,7 @@ def contrastive_loss(cfg, h, e, targets, state=None):
                   cfg.entropy_weight, noise=cfg.langevin_noise_scale)[-1]
         q = F.softmax(z, dim=-1)
         if kind != "cd":
-            state.chains[slot] = z.to(state.chains.dtype)
+            write_chains(state.chains, slot, z)
     e_pos = e.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, T)
     e_neg = (q * e).sum(-1)  # (B, T)
     if kind == "fast_pcd":

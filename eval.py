@@ -402,7 +402,7 @@ def evaluate_checkpoint(cfg: EvalConfig):
     ood_path = resolve_path(cfg.ood_text)
     if not ood_path.is_file():
         raise UserError(f"ood_text={cfg.ood_text} not found: pass a text file, e.g. ood_text=README.md")
-    device = pick_device(cfg.device)
+    device = pick_device(cfg.device, key="device")
     model, vocab, ckpt_cfg = load_model(cfg.checkpoint, device)
     mcfg = model.config
     K = mcfg.think_steps if cfg.think_steps is None else cfg.think_steps

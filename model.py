@@ -280,11 +280,19 @@ class GPT(nn.Module):
         first = self.config.n_layer - (self.config.energy_layers or self.config.n_layer)
         for block, cache in zip(self.transformer.h[first:], caches[first:]):
             c = block.candidates(c, cache)
-        return self.energy_readout(self.transformer.ln_f(c)).squeeze(-1)
+        c = self.transformer.ln_f(c)
+        with torch.autocast(c.device.type, enabled=False):  # the energy in float32, as energies()
+            return self.energy_readout(c.to(self.energy_readout.weight.dtype)).squeeze(-1)
 
     def new_caches(self, batch_size, device=None, dtype=None):
+        """Empty KV caches for batch_size sequences, in the dtype the keys and values will have: the autocast
+        dtype under autocast (a float32 cache would double the memory and cast every appended token)."""
         w = self.energy_head.weight
-        return [LayerCache(self.config, batch_size, device or w.device, dtype or w.dtype) for _ in self.transformer.h]
+        device = torch.device(device or w.device)
+        if dtype is None:
+            autocast = torch.is_autocast_enabled(device.type)
+            dtype = torch.get_autocast_dtype(device.type) if autocast else w.dtype
+        return [LayerCache(self.config, batch_size, device, dtype) for _ in self.transformer.h]
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, think_lr_lr_mult=1.0):
         # every 2D tensor (matmuls, embeddings) decays; biases, norms and scalars do not; a learned step
@@ -295,5 +303,14 @@ class GPT(nn.Module):
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         if self.config.think_lr_learnable:
             groups.append({"params": [self.think_log_lr], "weight_decay": 0.0, "lr_mult": think_lr_lr_mult})
-        fused = device_type == "cuda"  # the fused AdamW kernel exists for CUDA tensors only
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused_adamw(device_type))
+
+
+def fused_adamw(device_type):
+    """Whether AdamW uses its fused kernel (one launch for every parameter) on this device type: on CUDA, and on
+    MPS from torch 2.4, where it arrived. On CPU the default implementation stays, as the CPU figures were measured."""
+    if device_type == "cuda":
+        return True
+    if device_type == "mps":
+        return torch.__version__ >= "2.4"
+    return False

@@ -47,7 +47,7 @@ def sample(cfg: SampleConfig):
         raise UserError(f"think_steps={cfg.think_steps} must be >= 0")
     if cfg.think_samples is not None and cfg.think_samples < 1:
         raise UserError(f"think_samples={cfg.think_samples} must be >= 1")
-    device = pick_device(cfg.device)
+    device = pick_device(cfg.device, key="device")
     model, vocab, _ = load_model(cfg.checkpoint, device)
     steps = 0 if not cfg.use_thinking else (model.config.think_steps if cfg.think_steps is None else cfg.think_steps)
     prompt = vocab.encode(cfg.prompt or "\n")

@@ -6,6 +6,7 @@ Config: config/train.yaml (schema: RunConfig in trainer.py). Writes only into ou
 
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -22,8 +23,9 @@ from util import Processes, UserError, check_overrides, load_checkpoint, run, sa
 
 # what a resumed run must share with the checkpoint; any other change (a loss weight, a think option, the
 # learning rate, max_steps) is allowed and printed as a note
-ARCHITECTURE = ("n_layer", "n_head", "n_embd", "bias", "vocab_size", "block_size", "energy", "mixture_hidden",
-                "think_lr_learnable", "cand_embed", "think_step_embed")
+# (model.block_size and model.vocab_size follow data.block_size and the vocabulary, checked beside these)
+ARCHITECTURE = ("n_layer", "n_head", "n_embd", "bias", "energy", "mixture_hidden", "think_lr_learnable",
+                "cand_embed", "think_step_embed")
 
 
 class Checkpoints:
@@ -36,13 +38,16 @@ class Checkpoints:
         self.cfg, self.procs, self.model, self.optimizer, self.state = cfg, procs, model, optimizer, state
         self.scaler, self.batch_gen, self.vocab = scaler, batch_gen, vocab
         self.dir = Path(cfg.out_dir)
-        self.cuda = next(model.parameters()).device.type == "cuda"
+        device_type = next(model.parameters()).device.type
+        # the device's own RNG (dropout, think noise and chains draw from it on CUDA and MPS): "cuda" or "mps",
+        # whose torch modules both have get_rng_state / set_rng_state
+        self.device_rng = device_type if device_type in ("cuda", "mps") else None
 
     def save(self, kind, step, best_val, elapsed):
         if kind == "ckpt.pt":  # per process: its RNG states and chain state (PCD chains, fast weights, replay)
             own = {"torch": torch.get_rng_state()}
-            if self.cuda:
-                own["cuda"] = torch.cuda.get_rng_state()
+            if self.device_rng:
+                own[self.device_rng] = getattr(torch, self.device_rng).get_rng_state()
             if self.state is not None:
                 own["chains"] = {k: v.cpu() if torch.is_tensor(v) else v for k, v in self.state.state_dict().items()}
             ranks = self.procs.gather(own)
@@ -53,8 +58,8 @@ class Checkpoints:
         if kind == "ckpt.pt":  # everything needed to continue the run exactly; entry r of each list: rank r
             ckpt["optimizer"] = self.optimizer.state_dict()
             ckpt["rng"] = {"batch": self.batch_gen.get_state(), "torch": [r["torch"] for r in ranks]}
-            if self.cuda:
-                ckpt["rng"]["cuda"] = [r["cuda"] for r in ranks]
+            if self.device_rng:
+                ckpt["rng"][self.device_rng] = [r[self.device_rng] for r in ranks]
             if self.state is not None:
                 ckpt["chains"] = [r["chains"] for r in ranks]
             if self.scaler is not None:
@@ -77,8 +82,8 @@ class Checkpoints:
         rng, saved = ckpt["rng"], len(ckpt["rng"]["torch"])
         if procs.rank < saved:  # rank r continues the RNG and chains of rank r (one process: those of rank 0)
             torch.set_rng_state(rng["torch"][procs.rank].cpu())  # (map_location moved them to the device)
-            if self.cuda and "cuda" in rng:
-                torch.cuda.set_rng_state(rng["cuda"][procs.rank].cpu())
+            if self.device_rng in rng:
+                getattr(torch, self.device_rng).set_rng_state(rng[self.device_rng][procs.rank].cpu())
             if self.state is not None and "chains" in ckpt:
                 self.state.load_state_dict(ckpt["chains"][procs.rank])
         self.batch_gen.set_state(rng["batch"].cpu())
@@ -115,8 +120,12 @@ class Log:
         if cfg.wandb_project and master:
             import wandb
 
-            self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_name, dir=cfg.out_dir,
-                                    config=OmegaConf.to_container(OmegaConf.structured(cfg)))
+            try:
+                self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_name, dir=cfg.out_dir,
+                                        config=OmegaConf.to_container(OmegaConf.structured(cfg)))
+            except wandb.errors.Error as err:  # e.g. the server cannot be reached (check_wandb found a login)
+                raise UserError(f"wandb could not start the run ({str(err).splitlines()[0]}): check the network "
+                                "and the login, or log offline with WANDB_MODE=offline") from None
 
     def progress(self, step, train_loss, lr, tokens_per_s):
         self.bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
@@ -154,9 +163,10 @@ class StopRequest:
             signal.signal(s, handler)
 
 
-def check_finite(loss, what, step, out_dir):
+def check_finite(loss, what, when, out_dir):
+    """A NaN or infinite loss stops the run with one line; ckpt.pt from the last evaluation is kept."""
     if not math.isfinite(loss):
-        raise UserError(f"the {what} became {loss} at step {step}; the last good checkpoint "
+        raise UserError(f"the {what} became {loss} {when}; the last good checkpoint "
                         f"({Path(out_dir) / 'ckpt.pt'}) is kept: lower train.learning_rate")
 
 
@@ -172,8 +182,44 @@ def wrap(model, cfg: RunConfig, procs):
                find_unused_parameters=cfg.model.think_steps == 0)
 
 
+WANDB_MODES = ("online", "offline", "disabled", "dryrun", "run", "shared")  # what wandb's settings accept
+
+
+def check_wandb(cfg: RunConfig):
+    """
+    wandb_project set: wandb needs a login, unless WANDB_MODE is offline or disabled. Without one and without a
+    terminal to ask on (a notebook's `!uv run`, a batch job) wandb.init would fail after the setup, with a
+    traceback; ask wandb's own lookup (WANDB_API_KEY, ~/.netrc, its settings files) first, before any work.
+    In a terminal wandb.init asks for a key itself (or offers offline). Rank 0 alone logs to wandb, so it alone
+    checks.
+    """
+    if not cfg.wandb_project or int(os.environ.get("RANK", "0")) > 0:
+        return
+    import wandb
+
+    try:
+        mode = wandb.setup().settings.mode  # the mode wandb.init will use (WANDB_MODE or wandb's settings)
+    except Exception as err:  # wandb validates its settings, e.g. WANDB_MODE
+        env = os.environ.get("WANDB_MODE")
+        cause = (f"WANDB_MODE={env!r} is not a wandb mode" if env not in (None, *WANDB_MODES) else
+                 f"wandb cannot start ({type(err).__name__}: {str(err).splitlines()[0]})")
+        raise UserError(f"{cause}: use WANDB_MODE=online (after `uv run wandb login`), offline or disabled, "
+                        "or drop wandb_project") from None
+    if mode in ("offline", "dryrun", "disabled"):
+        return
+    try:
+        logged_in = wandb.login(prompt=False, verify=False)  # never prompts; no network
+    except TypeError:  # a wandb without login(prompt=...): its older key lookup, which never prompts either
+        logged_in = wandb.api.api_key is not None
+    if not logged_in and not (sys.stdin.isatty() and sys.stderr.isatty()):  # wandb's test for a terminal
+        raise UserError(f"wandb_project={cfg.wandb_project} needs a wandb login and none was found: run "
+                        "`uv run wandb login` or set WANDB_API_KEY, or log offline with WANDB_MODE=offline "
+                        "(upload later with `wandb sync`), or drop wandb_project")
+
+
 def train(cfg: RunConfig):
     """Train in this process; under torchrun every process runs this, with DDP."""
+    check_wandb(cfg)
     procs = Processes(cfg.train.device)
     try:
         return train_processes(cfg, procs)
@@ -215,13 +261,13 @@ def train_processes(cfg: RunConfig, procs: Processes):
 
             if step % t.log_interval == 0 or last:  # the only sync between evals; a NaN on any process stops all
                 train_loss = procs.mean(loss_sum).item() / n_sum
-                check_finite(train_loss, "training loss", step, cfg.out_dir)
+                check_finite(train_loss, "training loss", f"before step {step}", cfg.out_dir)
                 log.progress(step, train_loss, lr, t.log_interval * rows * cfg.data.block_size / (time.time() - t_log))
                 t_log = time.time()
 
             if step % t.eval_interval == 0 or last:
                 val, val_s1 = evaluate(model, data, cfg, device, procs)
-                check_finite(val, "val loss", step, cfg.out_dir)
+                check_finite(val, "val loss", f"at step {step}", cfg.out_dir)
                 train_loss = procs.mean(loss_sum).item() / n_sum
                 log.eval({"step": step, "val_loss": val, "val_loss_s1": val_s1, "train_loss": train_loss,
                           "lr": lr, "time_s": round(time.time() - t_start, 2)})

@@ -5,6 +5,7 @@ torch.compile; and, for sample.py, eval.py and viz.py, a trained model loaded fr
 """
 
 import math
+import os
 import shutil
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -142,8 +143,12 @@ def inert_options(cfg: RunConfig):
         (("fast_weight_lr", "fast_weight_decay"), m.contrastive_type == "fast_pcd",
          f"model.contrastive_type={m.contrastive_type}"),
     ]
-    problems = [f"model.{k}={str(getattr(m, k)).lower()} does nothing with {why}: drop it"
-                for keys, acts, why in rules if not acts for k in keys if getattr(m, k) != getattr(default, k)]
+    inert = {}  # key -> the first reason it does nothing
+    for keys, acts, why in rules:
+        for k in keys:
+            if not acts and getattr(m, k) != getattr(default, k):
+                inert.setdefault(k, why)
+    problems = [f"model.{k}={str(getattr(m, k)).lower()} does nothing with {why}: drop it" for k, why in inert.items()]
     if not m.think_lr_learnable and t.think_lr_lr_mult != TrainConfig().think_lr_lr_mult:
         problems.append(f"train.think_lr_lr_mult={t.think_lr_lr_mult} does nothing without "
                         "model.think_lr_learnable=true: drop it")
@@ -164,13 +169,29 @@ def get_lr(step, t: TrainConfig):
 # mixed precision and torch.compile (bench.py uses these too)
 
 
-def check_dtype(dtype, device_type):
-    """The mixed precision this device can train in, or one line of cause and remedy."""
+def check_dtype(dtype, device_type, energy="linear"):
+    """The mixed precision this device (and energy) can train in, or one line of cause and remedy."""
     if dtype == "float16" and device_type != "cuda":
         raise UserError(f"train.dtype=float16 needs loss scaling, which nanoEBM does on CUDA only; on {device_type} "
                         "use train.dtype=bfloat16 (float32's range, no scaling needed) or float32")
+    if dtype == "float16" and energy == "transformer":
+        # the think steps take dE/dp with an inner torch.autograd.grad under autocast; the GradScaler scales
+        # the loss, not that inner gradient, whose float16 backward through the candidate slots can underflow
+        raise UserError("train.dtype=float16 with model.energy=transformer would take dE/dp in float16 without "
+                        "loss scaling (it can underflow): use train.dtype=bfloat16 (float32's range) or float32")
     if dtype == "bfloat16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError("this GPU has no bfloat16: use train.dtype=float16 (with loss scaling) or float32")
+
+
+def allow_tf32():
+    """float32 matmuls on CUDA may use TF32 tensor cores (10-bit mantissa, float32 range; Ampere and newer): the
+    float32 parts of training (train.dtype=float32, the energy head, the val loss) run several times faster.
+    torch >= 2.9 sets this per backend with fp32_precision and deprecates allow_tf32; older torch has only
+    allow_tf32. The model has no convolutions, so cuDNN's setting does not matter."""
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = True
 
 
 def autocast_context(dtype, device_type):
@@ -201,6 +222,14 @@ def compiled(model, cfg: RunConfig):
     if device_type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
         raise UserError("train.compile=true on CPU needs a C++ compiler (torch.compile's inductor builds C++): "
                         "install g++ or clang, or drop train.compile")
+    if device_type == "cuda" and not (os.environ.get("CC") or any(shutil.which(c) for c in ("gcc", "clang"))):
+        # Triton builds a small C launcher with $CC, else gcc or clang (triton/runtime/build.py)
+        raise UserError("train.compile=true on CUDA needs a C compiler (Triton builds a small C helper when it "
+                        "first compiles): install gcc or clang (or set CC), or drop train.compile")
+    if device_type == "mps":  # inductor's Metal backend is experimental; eager MPS is the tested path
+        print("note: train.compile=true is not used on MPS (torch.compile's MPS backend is experimental): "
+              "training eager")
+        return model
     try:
         return torch.compile(model)
     except RuntimeError as err:  # e.g. a Python version that torch.compile does not support yet
@@ -286,11 +315,10 @@ def setup(cfg: RunConfig, device=None, rank=0, world=1):
                         f"together) is not divisible by the {world} processes: use a multiple of {world}")
     device = device or pick_device(cfg.train.device)
     device_type = torch.device(device).type
-    check_dtype(cfg.train.dtype, device_type)
+    check_dtype(cfg.train.dtype, device_type, cfg.model.energy)
     torch.manual_seed(cfg.train.seed)
     if device_type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        allow_tf32()
     data = Dataset(load_text(cfg.data.data_path), cfg.data.block_size)
     cfg.model.vocab_size = len(data.vocab)
     cfg.model.block_size = cfg.data.block_size

@@ -2,6 +2,7 @@
 of a torchrun run."""
 
 import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -62,11 +63,16 @@ def check_overrides(config_name, args):
             fail(f"{' '.join(lines)} (every key and its type: --cfg job)")
 
 
-def pick_device(name="auto"):
-    """cuda > mps > cpu, unless a device is named."""
+def pick_device(name="auto", key="train.device"):
+    """cuda > mps > cpu, unless a device is named. key: the option that names the device, for the remedies."""
+    with warnings.catch_warnings(record=True) as caught:  # torch warns here about a too-old driver: a reason
+        warnings.simplefilter("always")
+        cuda = torch.cuda.is_available()
     if name == "auto":
-        if torch.cuda.is_available():
+        if cuda:
             return "cuda"
+        if nvidia_gpu_present():  # a GPU the user expects to train on, silently unused: say so instead
+            raise UserError(unusable_gpu(key, caught))
         if torch.backends.mps.is_available():
             return "mps"
         return "cpu"
@@ -74,10 +80,34 @@ def pick_device(name="auto"):
         device = torch.device(name)
     except RuntimeError:
         raise UserError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    available = {"cpu": True, "cuda": cuda, "mps": torch.backends.mps.is_available()}
     if not available.get(device.type, False):
-        raise UserError(f"device {name!r} is not available on this machine: use train.device=auto")
+        if device.type == "cuda" and nvidia_gpu_present():
+            raise UserError(unusable_gpu(key, caught))
+        raise UserError(f"device {name!r} is not available on this machine: use {key}=auto")
     return name
+
+
+def nvidia_gpu_present():
+    """An NVIDIA driver is loaded (or its nvidia-smi installed), unless CUDA_VISIBLE_DEVICES hides every GPU on
+    purpose (empty or -1)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "0").strip() in ("", "-1"):
+        return False
+    return Path("/proc/driver/nvidia/version").exists() or shutil.which("nvidia-smi") is not None
+
+
+def unusable_gpu(key, caught=()):
+    """One line: this machine has an NVIDIA GPU that this torch cannot use, why if torch said, and the remedies."""
+    said = [str(w.message).split("(Triggered")[0].removeprefix("CUDA initialization:").strip() for w in caught
+            if "driver" in str(w.message).lower() or "cuda" in str(w.message).lower()]
+    said = f" (torch says: {said[0].splitlines()[0].split('. ')[0].rstrip('.')})" if said else ""
+    if torch.version.cuda is None:
+        return (f"this machine has an NVIDIA GPU, but the installed torch is a CPU-only build{said}: install a CUDA "
+                f"build of torch, or pass {key}=cpu to run on the CPU knowingly")
+    return (f"this machine has an NVIDIA GPU, but torch (built for CUDA {torch.version.cuda}) cannot use it{said}: "
+            f"update the NVIDIA driver to one that supports CUDA {torch.version.cuda} (nvidia-smi shows the CUDA "
+            f"version the driver supports), or install a torch build for the driver's CUDA, or pass {key}=cpu to "
+            "run on the CPU knowingly")
 
 
 def sync(device):

@@ -120,7 +120,7 @@ def visualise(cfg: VizConfig):
         plot_sweep(plt, cfg.evals, out / "think_sweep.png")
         written.append(out / "think_sweep.png")
     if cfg.checkpoint:
-        model, vocab, run_cfg = load_model(cfg.checkpoint, pick_device(cfg.device))
+        model, vocab, run_cfg = load_model(cfg.checkpoint, pick_device(cfg.device, key="device"))
         _, val = train_val_split(torch.tensor(vocab.encode(load_text(run_cfg["data"]["data_path"])), dtype=torch.long))
         T = model.config.block_size
         gen = torch.Generator().manual_seed(cfg.seed)
