@@ -37,8 +37,8 @@ def free_energy_grad(z, e, tau):
 
 
 def linear_energy(e):
-    """E(p) = <p, e>: the linear head's energy vector e is the same whatever the candidate."""
-    return lambda p: ((p * e).sum(-1), e)
+    """E(p) = <p, e>: the linear head's energy vector e is the same whatever the candidate (and step)."""
+    return lambda p, step=None: ((p * e).sum(-1), e)
 
 
 def gelu_grad(x):
@@ -62,7 +62,7 @@ def mixture_energy(model, h, e):
         M = model.transformer.wte.weight @ W1[:, d:].t()  # (V, H): fc of each token's embedding, once per batch
     beta = model.mix_beta
 
-    def energy(p):
+    def energy(p, step=None):
         with torch.autocast(p.device.type, enabled=False):
             q = p.detach() if model.config.mixture_stopgrad else p
             pre = pre_h + q @ M  # (..., H) = fc([h, ybar(q)])
@@ -76,18 +76,19 @@ def mixture_energy(model, h, e):
 def transformer_energy(model, caches):
     """
     EBT: E(x_1..x_t, p) is a scalar read from the candidate slot of a transformer over [observed | candidates]
-    (model.candidate_energy), fed the expected embedding ybar(p). The observed stream's keys/values sit in
-    caches, computed once; each step runs only the candidate slots. dE/dp by autograd: while training with
+    (model.candidate_energy), fed the candidate's embedding (model.candidate_embedding) and, with
+    model.think_step_embed, that of the step index. The observed stream's keys/values sit in caches,
+    computed once; each step runs only the candidate slots. dE/dp by autograd: while training with
     gradients on, create_graph so that the loss backpropagates through the step (double backward).
     """
-    wte = model.transformer.wte.weight
 
-    def energy(p):
+    def energy(p, step=None):
         create_graph = torch.is_grad_enabled()
         with torch.enable_grad():
             if not p.requires_grad:
                 p = p.detach().requires_grad_()
-            E = model.candidate_energy(p @ wte, caches)  # (..., T): slot t depends on p_t only (float32)
+            # (..., T): slot t sees p_t only; float32 even under autocast (the readout is)
+            E = model.candidate_energy(model.candidate_embedding(p), caches, step)
             (dE_dp,) = torch.autograd.grad(E.sum(), p, create_graph=create_graph)
         return E, dE_dp  # dE/dp has p's dtype: float32 under autocast too (p = softmax of float32 logits)
 
@@ -102,6 +103,24 @@ def make_energy(model, h, e, caches=None):
     return linear_energy(e)
 
 
+@torch.no_grad()
+def onehot_energies(model, h, e, caches=None, chunk=8):
+    """
+    The exact verifier's energies E(x, onehot(v)) of every vocabulary token v as the candidate, (..., V), in
+    the last step's landscape. linear: e itself; mixture: its closed form at each one-hot p; transformer:
+    the V candidate slots against the cached observed stream, `chunk` tokens at a time (memory).
+    """
+    V = e.size(-1)
+    eye = torch.eye(V, dtype=e.dtype, device=e.device)
+    if model.config.energy == "linear":
+        return e
+    if model.config.energy == "mixture":
+        return mixture_energy(model, h, e)(eye.view(V, *[1] * (e.dim() - 1), V))[0].movedim(0, -1)
+    emb = model.candidate_embedding(eye)  # (V, d): the slot input of each one-hot candidate
+    cand = emb.view(V, *[1] * (e.dim() - 1), -1).expand(V, *e.shape[:-1], emb.size(-1))  # (V, ..., T, d)
+    return torch.cat([model.candidate_energy(c, caches) for c in cand.split(chunk)]).movedim(0, -1)  # (..., V)
+
+
 def free_energy(z, energy, tau):
     """E(p) and the free energy F(z) = E(p) - tau * H(p) of p = softmax(z), for any energy: (...) each."""
     logp = F.log_softmax(z, dim=-1)
@@ -114,64 +133,114 @@ def free_energy(z, energy, tau):
 # the think loop: one loop for training, eval, sampling and the contrastive chains
 
 
-def think(z, energy, steps, lr, tau, max_move=math.inf, noise=0.0, truncate=False):
+def smooth_clip(x, m):
+    """m * tanh(x / m): ~x for small moves, never beyond +-m, and (unlike a clamp) its gradient never vanishes."""
+    return m * torch.tanh(x / m)
+
+
+def free_energy_step(z, energy, k, lr, tau, max_move, clip, noise):
+    """One step of the free-energy rule: z - clip(lr * dF/dz) [+ sqrt(2 lr) * noise * N(0, 1)]."""
+    _, e = energy(F.softmax(z, dim=-1), k)
+    move = lr * free_energy_grad(z, e, tau)
+    if math.isfinite(max_move):
+        move = smooth_clip(move, max_move) if clip == "smooth" else move.clamp(-max_move, max_move)
+    z = z - move
+    if noise > 0:
+        z = z + (2 * lr) ** 0.5 * noise * torch.randn_like(z)
+    return z
+
+
+def ebt_step(z, energy, k, lr, noise):
+    """One step of the EBT rule (official EBT_NLP.forward): Langevin noise on the logits, p = softmax(z), and
+    the new logits are p minus a step along dE/dp, the gradient with respect to p (not z)."""
+    if noise > 0:
+        z = z + noise * torch.randn_like(z)
+    p = F.softmax(z, dim=-1)
+    _, dE_dp = energy(p, k)
+    return p - lr * dE_dp  # z_{k+1} = p_k - alpha * dE/dp(p_k)
+
+
+def think(z, energy, steps, lr, tau, max_move=math.inf, noise=0.0, truncate=False, rule="free_energy",
+          clip="hard", detach=False, first=0):
     """
-    Descend F from logits z (..., V) for `steps` steps; return the list [z_0, z_1, ..., z_K].
+    Think from logits z (..., V) for `steps` steps; return the list [z_0, z_1, ..., z_K]. Two rules:
 
-        z_{k+1} = z_k - clip(lr * dF/dz(z_k), -max_move, max_move) + sqrt(2 lr) * noise * N(0, 1)
+      free_energy:  z_{k+1} = z_k - clip(lr * dF/dz(z_k), -max_move, max_move) + sqrt(2 lr) * noise * N(0, 1)
+      ebt:          z_{k+1} = p_k - lr * dE/dp(p_k),  p_k = softmax(z_k + noise * N(0, 1))
 
-    energy(p) gives (E, dE/dp) at candidate p; dF/dz is free_energy_grad with e = dE/dp, exact for any E.
-    A linear head's e does not depend on p, so its fixed point is the Boltzmann distribution
-    softmax(-e / tau); with tau = 0 and no noise every step raises the lowest-energy token's logit at least
-    as much as any other's, so the argmax never changes: linear thinking only anneals the temperature.
-    The step is per position: nothing is averaged over the batch or the sequence, so its size does not
-    depend on B or T. truncate: the steps before the last run without a graph (truncated backprop).
+    energy(p, k) gives (E, dE/dp) at candidate p in step k; dF/dz is free_energy_grad with e = dE/dp, exact
+    for any E. A linear head's e does not depend on p, so the free-energy rule's fixed point is the Boltzmann
+    distribution softmax(-e / tau); with tau = 0 and no noise every step raises the lowest-energy token's
+    logit at least as much as any other's, so the argmax never changes: linear thinking only anneals the
+    temperature. clip: hard (clamp) or smooth (m * tanh(x / m)). The step is per position: nothing is
+    averaged over the batch or the sequence, so its size does not depend on B or T. truncate: the steps
+    before the last run without a graph (truncated backprop); detach: every step starts from a detached
+    candidate, so the loss of step k + 1 trains step k only (EBT's S1). first: the index of the first step.
     """
     zs = [z]
     for k in range(steps):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not (truncate and k < steps - 1)):
-            if truncate and k == steps - 1:
+            if detach or (truncate and k == steps - 1):
                 z = z.detach()
-            _, e = energy(F.softmax(z, dim=-1))
-            move = lr * free_energy_grad(z, e, tau)
-            if math.isfinite(max_move):
-                move = move.clamp(-max_move, max_move)
-            z = z - move
-            if noise > 0:
-                z = z + (2 * lr) ** 0.5 * noise * torch.randn_like(z)
+            if rule == "ebt":
+                z = ebt_step(z, energy, first + k, lr, noise)
+            else:
+                z = free_energy_step(z, energy, first + k, lr, tau, max_move, clip, noise)
         zs.append(z)
     return zs
 
 
+def think_start(cfg, z0):
+    """Where thinking starts (model.think_start): the System 1 logits z0, noise N(0, 1) or zeros (EBT)."""
+    if cfg.think_start == "noise":
+        return torch.randn_like(z0)
+    return torch.zeros_like(z0) if cfg.think_start == "zeros" else z0
+
+
+def step_size(model, z, training):
+    """The step size for logits z (..., V): eta (learned or fixed); while training jittered per batch
+    (think_lr_jitter) and drawn per position from U(eta / s, eta * s) (think_lr_spread = s, EBT's S2)."""
+    cfg, lr = model.config, model.think_lr()
+    if training and cfg.think_lr_jitter > 0:
+        lr = lr * (1 + cfg.think_lr_jitter * (2 * torch.rand(()).item() - 1))
+    if training and cfg.think_lr_spread > 1:
+        s = cfg.think_lr_spread
+        lr = lr / s + torch.rand(*z.shape[:-1], 1, dtype=z.dtype, device=z.device) * (lr * s - lr / s)  # (..., 1)
+    return lr
+
+
 def system2_logits(model, h, e, steps, caches=None, samples=1, training=False, topk=0, z_start=None,
-                   return_chosen=False):
+                   return_chosen=False, verify_by=None):
     """
-    System 1 logits z_0 = -e / T, then `steps` think steps on the model's energy; returns [z_0, ..., z_K].
+    System 1 logits z_0 = -e / T, then `steps` think steps on the model's energy from model.think_start;
+    returns [z_0, ..., z_K] (z_0 is always System 1's prediction, whatever the start).
     training: Langevin noise, and (if configured) a random step size and truncated backprop.
-    samples = M > 1 (self-verification): think from z_0 and M - 1 random starts, keep per position the
-    candidate with the lowest free energy. topk: think over the System 1 top-k candidates only.
-    z_start (n, T, V): the first n rows start thinking there instead of at z_0 (replay buffer warm starts).
-    return_chosen: also return which start was kept per position (...), 0 = z_0 (or z_start), 1..M-1 random.
+    samples = M > 1 (self-verification): think from the start and M - 1 random starts, keep per position the
+    candidate with the lowest free energy (or energy: model.verify_by). topk: think over the System 1 top-k
+    candidates only. z_start (n, T, V): the first n rows start thinking there (replay buffer warm starts).
+    return_chosen: also return which start was kept per position (...), 0 = the start, 1..M-1 random.
+    verify_by: rank the M candidates by this instead of model.verify_by (eval.py reports both).
     """
     cfg = model.config
     z0 = -e / cfg.softmax_temperature  # System 1
     energy = make_energy(model, h, e, caches)
-    lr = model.think_lr()
-    if training and cfg.think_lr_jitter > 0:
-        lr = lr * (1 + cfg.think_lr_jitter * (2 * torch.rand(()).item() - 1))
-    start = z0 if z_start is None else torch.cat([z_start.to(z0.dtype), z0[z_start.size(0):]])
+    start = think_start(cfg, z0)
+    if z_start is not None:
+        start = torch.cat([z_start.to(z0.dtype), start[z_start.size(0):]])
+    lr = step_size(model, start, training)
     ix = None
     if topk and topk < e.size(-1):  # the rest are ruled out (-inf); p is zero there
         ix = z0.topk(topk, dim=-1).indices  # (..., k)
         energy, start = topk_energy(energy, ix, e.size(-1)), start.gather(-1, ix)
-    if samples > 1:  # candidate 0 starts at System 1, the others from noise: (M, ..., V)
+    if samples > 1:  # candidate 0 starts at the start, the others from noise: (M, ..., V)
         start = torch.cat([start.unsqueeze(0), torch.randn(samples - 1, *start.shape, dtype=start.dtype,
                                                                   device=start.device)])
     zs = think(start, energy, steps, lr, cfg.entropy_weight, cfg.think_max_move,
-               noise=cfg.think_noise if training else 0.0, truncate=training and cfg.think_truncate)
+               noise=cfg.think_noise if training else 0.0, truncate=training and cfg.think_truncate,
+               rule=cfg.think_rule, clip=cfg.think_clip, detach=cfg.think_detach)
     chosen = None
     if samples > 1:
-        zs, chosen = keep_lowest(zs, energy, cfg.entropy_weight)
+        zs, chosen = keep_lowest(zs, energy, cfg.entropy_weight, verify_by or cfg.verify_by)
     if ix is not None:
         zs = [torch.full_like(z0, -math.inf).scatter(-1, ix, z) for z in zs]
     if return_chosen:  # a single start is always start 0
@@ -179,18 +248,20 @@ def system2_logits(model, h, e, steps, caches=None, samples=1, training=False, t
     return [z0] + zs[1:]
 
 
-def keep_lowest(zs, energy, tau):
+def keep_lowest(zs, energy, tau, by="free_energy"):
     """Self-verification: of M thought candidates [z_0, ..., z_K] (M, ..., V) each, keep per position the one
-    whose final free energy is lowest. Returns its trajectory (..., V) each and its index (...) in 0..M-1."""
-    best = free_energy(zs[-1], energy, tau)[1].argmin(0)  # (...): the lowest F wins
+    whose final free energy F (by="free_energy") or energy E (by="energy", as EBT) is lowest. Returns its
+    trajectory (..., V) each and its index (...) in 0..M-1."""
+    E, free = free_energy(zs[-1], energy, tau)
+    best = (E if by == "energy" else free).argmin(0)  # (...): the lowest wins
     return [z.gather(0, best[None, ..., None].expand(1, *z.shape[1:])).squeeze(0) for z in zs], best
 
 
 def topk_energy(energy, ix, V):
     """The energy of candidates p_k (..., k) over the vocabulary entries ix only (the rest get p = 0)."""
-    def energy_k(pk):
+    def energy_k(pk, step=None):
         ixk = ix.expand(pk.shape)  # (M, ..., k) with self-verification's M starts
-        E, dE_dp = energy(torch.zeros(*pk.shape[:-1], V, dtype=pk.dtype, device=pk.device).scatter(-1, ixk, pk))
+        E, dE_dp = energy(torch.zeros(*pk.shape[:-1], V, dtype=pk.dtype, device=pk.device).scatter(-1, ixk, pk), step)
         return E, dE_dp.gather(-1, ixk)
     return energy_k
 
@@ -327,8 +398,8 @@ def losses(model, idx, targets, state=None, think_steps=None):
     """
     cfg = model.config
     K = cfg.think_steps if think_steps is None else think_steps
-    if model.training and cfg.think_steps_random and K > 1:
-        K = int(torch.randint(1, K + 1, ()))
+    if model.training and cfg.think_steps_random and K > cfg.think_steps_min:
+        K = int(torch.randint(cfg.think_steps_min, K + 1, ()))
     replay = model.training and cfg.replay_size > 0 and K > 0
     z_start = slots = None
     if replay:  # some rows are windows seen before: their thinking resumes where it stopped

@@ -9,9 +9,13 @@ figure below). Parts, each a top-level key of eval.json (written next to the che
   think_sweep          val loss, bits per char and time per token for think_steps in `sweep`
   temperature_control  System 1 at its best temperature beside thinking: a gain that is only temperature
                        shows as such
-  self_verification    think_samples M in `samples`: M starts, keep the lowest free energy;
-                       random_start_chosen is the share of tokens whose kept start is not System 1's
-  uncertainty          how well a token's final energy predicts its loss and whether its argmax is wrong
+  self_verification    think_samples M in `samples`: M starts, keep the lowest free energy F or energy E
+                       (the model's verify_by, and the other); random_start_chosen is the share of tokens
+                       whose kept start is not the model's start
+  exact_verifier       the energy of every one-hot candidate, softmax(-E / T*): how good the energy is, apart
+                       from how well descent finds its minimum
+  uncertainty          how well a token's final energy (and its gap to the exact minimum) predicts its loss
+                       and whether its argmax is wrong
   adaptive             stop a token's thinking once its free energy changes by less than epsilon
   ood                  the sweep on text unlike the training data: the README, and val with `corrupt` of
                        its input characters substituted (the targets stay the clean text's next characters)
@@ -38,7 +42,7 @@ from hydra.core.config_store import ConfigStore
 from torch.nn import functional as F
 
 from data import load_text, resolve_path, train_val_split
-from ebm import free_energy, make_energy, observe, system2_logits, think
+from ebm import free_energy, make_energy, observe, onehot_energies, system2_logits, think, think_start
 from trainer import load_model
 from util import UserError, check_overrides, pick_device, run, sync
 
@@ -185,8 +189,8 @@ class Pass:
 class Runner:
     """Forward passes over fixed windows, in batches, timed; what each think setting costs per token."""
 
-    def __init__(self, model, x, y, batch_size, device):
-        self.model, self.x, self.y, self.bs, self.device = model, x, y, batch_size, device
+    def __init__(self, model, x, y, batch_size, device, seed=1337):
+        self.model, self.x, self.y, self.bs, self.device, self.seed = model, x, y, batch_size, device, seed
         self.targets = y.reshape(-1)
         self.tokens = y.numel()
 
@@ -203,15 +207,18 @@ class Runner:
         h, e, caches = observe(self.model, self.x[: self.bs].to(self.device))
         system2_logits(self.model, h, e, steps, caches, samples)
 
-    def logits(self, steps, samples=1, energies=False):
-        """A Pass over every window with `steps` think steps and `samples` starts; energies: with E and F."""
+    def logits(self, steps, samples=1, energies=False, verify_by=None):
+        """A Pass over every window with `steps` think steps and `samples` starts (ranked by verify_by, default
+        the model's); energies: with E and F."""
         z0s, zks, chosen, Es, Fs = [], [], [], [], []
         self.warm_up(steps, samples)
+        torch.manual_seed(self.seed)  # random starts (self-verification, think_start=noise): the same every run
         sync(self.device)
         t0 = time.perf_counter()
         for x in self.batches():
             h, e, caches = observe(self.model, x)
-            zs, kept = system2_logits(self.model, h, e, steps, caches, samples, return_chosen=True)
+            zs, kept = system2_logits(self.model, h, e, steps, caches, samples, return_chosen=True,
+                                      verify_by=verify_by)
             z0s.append(zs[0].flatten(0, 1).float().cpu())
             zks.append(zs[-1].flatten(0, 1).float().cpu())
             chosen.append(kept.flatten().cpu())
@@ -225,6 +232,14 @@ class Runner:
         if energies:
             out.energy, out.free = torch.cat(Es), torch.cat(Fs)
         return out
+
+    def onehot_energies(self):
+        """The exact verifier: E(x, onehot(v)) of every token v at every position, (N, V)."""
+        out = []
+        for x in self.batches():
+            h, e, caches = observe(self.model, x)
+            out.append(onehot_energies(self.model, h, e, caches).flatten(0, 1).float().cpu())
+        return torch.cat(out)
 
     def sweep(self, steps_list):
         """Loss of the prediction after K think steps for each K, paired against K = 0."""
@@ -243,6 +258,7 @@ class Runner:
         removed, so this measures steps, not wall time."""
         cfg = self.model.config
         zks, used = [], []
+        torch.manual_seed(self.seed)
         for x in self.batches():
             h, e, caches = observe(self.model, x)
             energy = make_energy(self.model, h, e, caches)
@@ -250,12 +266,13 @@ class Runner:
             def free(z):
                 return free_energy(z, energy, cfg.entropy_weight)[1]
 
-            z = -e / cfg.softmax_temperature
+            z = think_start(cfg, -e / cfg.softmax_temperature)
             f = free(z)
             steps = torch.zeros(z.shape[:-1], device=z.device)
             active = torch.ones(z.shape[:-1], dtype=torch.bool, device=z.device)
-            for _ in range(max_steps):
-                z_next = think(z, energy, 1, self.model.think_lr(), cfg.entropy_weight, cfg.think_max_move)[-1]
+            for k in range(max_steps):
+                z_next = think(z, energy, 1, self.model.think_lr(), cfg.entropy_weight, cfg.think_max_move,
+                               rule=cfg.think_rule, clip=cfg.think_clip, first=k)[-1]
                 f_next = free(z_next)
                 z = torch.where(active.unsqueeze(-1), z_next, z)
                 steps += active
@@ -294,23 +311,48 @@ def temperature_part(report, tuner, K):
 
 
 def self_verification_part(report, K, samples, seed, s2):
-    """One row per M in samples, paired against plain thinking (s2); random_start_chosen is the share of
-    tokens whose kept start is not start 0, the System 1 start (as system2_logits reports it)."""
-    rows = []
+    """One row per M in samples, paired against plain thinking (s2), ranked by the model's verify_by and, in
+    by_energy or by_free_energy, by the other (the same random starts); random_start_chosen is the share of
+    tokens whose kept start is not start 0, the model's start (as system2_logits reports it)."""
+    rows, own = [], report.model.config.verify_by
+    other = "energy" if own == "free_energy" else "free_energy"
     for m in samples:
-        torch.manual_seed(seed)
-        run = report.logits(K, samples=m)
-        rows.append({"samples": m, **summary(report.losses(run.zk), s2), "us_per_token": 1e6 * run.seconds,
-                     "random_start_chosen": (run.chosen != 0).double().mean().item()})
+        parts = {}
+        for by in (own, other) if m > 1 else (own,):  # one start: nothing to rank
+            torch.manual_seed(seed)
+            run = report.logits(K, samples=m, verify_by=by)
+            parts[by] = {**summary(report.losses(run.zk), s2), "us_per_token": 1e6 * run.seconds,
+                         "random_start_chosen": (run.chosen != 0).double().mean().item()}
+        rows.append({"samples": m, "verify_by": own, **parts[own], f"by_{other}": parts.get(other, parts[own])})
     return rows
 
 
-def uncertainty_part(report, thought, s2, K):
-    """How well each score ranks the tokens by loss and by whether the argmax is wrong."""
+def exact_verifier_part(report, tuner, thought, s2):
+    """
+    The exact verifier: the energy of every one-hot candidate, E(x, onehot(v)) for all v, and the distribution
+    softmax(-E / T*), T* best on the tune slice. Its loss (against thinking's), its accuracy beside
+    thinking's, and how often thinking's argmax is the energy's exact argmin. Returns the part and min_v E
+    per token (N,) for the uncertainty part.
+    """
+    E, E_tune = report.onehot_energies(), tuner.onehot_energies()  # (N, V)
+    t = best_temperature(-E_tune, tuner.targets)
+    exact = report.losses(-E / t)
+    argmin = E.argmin(-1)
+    part = {"temperature": t, **summary(exact, s2),
+            "accuracy": (argmin == report.targets).double().mean().item(),
+            "think_accuracy": (thought.zk.argmax(-1) == report.targets).double().mean().item(),
+            "argmax_is_argmin": (thought.zk.argmax(-1) == argmin).double().mean().item()}
+    return part, E.amin(-1)
+
+
+def uncertainty_part(report, thought, s2, K, min_energy):
+    """How well each score ranks the tokens by loss and by whether the argmax is wrong. energy_gap is
+    E(p_K) - min_v E(x, v): only differences of energy are trained, not its level at a position."""
     wrong = thought.zk.argmax(-1) != report.targets
     s2 = s2.flatten()
     return {"think_steps": K, "error_rate": wrong.double().mean().item(),
             "energy": as_uncertainty(thought.energy, s2, wrong),
+            "energy_gap": as_uncertainty(thought.energy - min_energy, s2, wrong),
             "free_energy": as_uncertainty(thought.free, s2, wrong),
             "max_prob": as_uncertainty(-F.softmax(thought.zk, -1).amax(-1), s2, wrong)}  # the usual baseline
 
@@ -334,12 +376,12 @@ def ood_part(cfg, report, val_sweep, ood_path, vocab):
     ood = ood_path.read_text(encoding="utf-8", errors="replace")
     kept = [c for c in ood if c in vocab.stoi]
     ood_runner = Runner(model, *windows(torch.tensor(vocab.encode(kept), dtype=torch.long), bs), cfg.batch_size,
-                        device)
+                        device, cfg.seed)
     # corrupted val: the report windows with a fraction `corrupt` of their INPUT characters substituted. The
     # targets stay the clean text's next characters: scoring the prediction of a random substitute would
     # punish any sharpening, i.e. bias the verdict against thinking.
     x_corrupt = corrupt_ids(report.x, cfg.corrupt, len(vocab), torch.Generator().manual_seed(cfg.seed))
-    corrupt_runner = Runner(model, x_corrupt, report.y, cfg.batch_size, device)
+    corrupt_runner = Runner(model, x_corrupt, report.y, cfg.batch_size, device, cfg.seed)
     sweeps = {"val": (val_sweep, report.tokens, 0),
               "ood_text": (ood_runner.sweep(cfg.sweep), ood_runner.tokens, len(ood) - len(kept)),
               "corrupted_val": (corrupt_runner.sweep(cfg.sweep), corrupt_runner.tokens, 0)}
@@ -373,8 +415,8 @@ def evaluate_checkpoint(cfg: EvalConfig):
     tune = torch.arange(x.size(0)) % 5 == 0
     if tune.all():
         raise UserError("the val split is too short for a tune and a report slice: raise max_tokens")
-    report = Runner(model, x[~tune], y[~tune], cfg.batch_size, device)
-    tuner = Runner(model, x[tune], y[tune], cfg.batch_size, device)
+    report = Runner(model, x[~tune], y[~tune], cfg.batch_size, device, cfg.seed)
+    tuner = Runner(model, x[tune], y[tune], cfg.batch_size, device, cfg.seed)
     result = {"checkpoint": str(cfg.checkpoint), "energy": mcfg.energy, "model_think_steps": mcfg.think_steps,
               "think_steps": K, "tokens": report.tokens, "tune_tokens": tuner.tokens, "device": device,
               "uniform_loss": math.log(len(vocab)), "report_windows": report.x.size(0),
@@ -382,7 +424,8 @@ def evaluate_checkpoint(cfg: EvalConfig):
     result["think_sweep"] = report.sweep(cfg.sweep)
     result["temperature_control"], thought, s1, s2 = temperature_part(report, tuner, K)
     result["self_verification"] = self_verification_part(report, K, cfg.samples, cfg.seed, s2)
-    result["uncertainty"] = uncertainty_part(report, thought, s2, K)
+    result["exact_verifier"], min_energy = exact_verifier_part(report, tuner, thought, s2)
+    result["uncertainty"] = uncertainty_part(report, thought, s2, K, min_energy)
     result["adaptive"] = adaptive_part(report, max(cfg.sweep), cfg.epsilons, s1)
     result["ood"] = ood_part(cfg, report, result["think_sweep"], ood_path, vocab)
     return result
@@ -414,17 +457,28 @@ def markdown(r):
             f"| thinking | 1 | {f(t['s2']['loss'])} | {d(t['s2'])} |",
             f"| thinking | {t['s2_temperature']:.3f} | {f(t['s2_at_temperature']['loss'])} | "
             f"{d(t['s2_at_temperature'])} vs System 1 at its temperature |"]
-    out += ["", f"## self-verification (K={r['think_steps']})",
-            "| samples M | val loss | vs M=1 | random start chosen | µs/token |", "|---|---|---|---|---|"]
+    own = r["self_verification"][0]["verify_by"]
+    other = "energy" if own == "free_energy" else "free_energy"
+    out += ["", f"## self-verification (K={r['think_steps']}; kept: lowest {own}, or lowest {other})",
+            f"| samples M | val loss | vs M=1 | random start chosen | by {other}: val loss | vs M=1 | µs/token |",
+            "|---|---|---|---|---|---|---|"]
     for row in r["self_verification"]:
+        o = row[f"by_{other}"]
         out.append(f"| {row['samples']} | {f(row['loss'])} | {d(row)} | {row['random_start_chosen']:.4f} | "
-                   f"{row['us_per_token']:.1f} |")
+                   f"{f(o['loss'])} | {d(o)} | {row['us_per_token']:.1f} |")
+    x = r["exact_verifier"]
+    out += ["", f"## exact verifier (softmax(-E(x, v) / T) over every token v, T = {x['temperature']:.3f})",
+            "| val loss | vs thinking | accuracy | thinking's accuracy | thinking's argmax = argmin E |",
+            "|---|---|---|---|---|",
+            f"| {f(x['loss'])} | {d(x)} | {x['accuracy']:.4f} | {x['think_accuracy']:.4f} | "
+            f"{x['argmax_is_argmin']:.4f} |"]
     u = r["uncertainty"]
     out += ["", f"## energy as uncertainty (K={u['think_steps']}; argmax wrong on {u['error_rate']:.1%} of tokens)",
             "| score | Pearson with loss | Spearman with loss | AUROC for argmax wrong |", "|---|---|---|---|"]
-    for name in ("energy", "free_energy", "max_prob"):
+    for name in ("energy", "energy_gap", "free_energy", "max_prob"):
         s = u[name]
-        label = {"energy": "E(p_K)", "free_energy": "F(z_K)", "max_prob": "1 - max p (baseline)"}[name]
+        label = {"energy": "E(p_K)", "energy_gap": "E(p_K) - min_v E(x, v)", "free_energy": "F(z_K)",
+                 "max_prob": "1 - max p (baseline)"}[name]
         out.append(f"| {label} | {f(s['pearson'], 3)} | {f(s['spearman'], 3)} | {f(s['auroc'], 3)} |")
     out += ["", "## adaptive compute (stop when the free energy changes by less than epsilon)",
             "| epsilon | mean steps | val loss | vs K=0 | fixed K | its val loss |", "|---|---|---|---|---|---|"]

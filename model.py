@@ -30,17 +30,26 @@ class ModelConfig:
     refine_steps: Optional[int] = None  # the predecessor's name for think_steps (an alias)
     think_lr: float = 0.5  # eta, step size of a think step
     think_lr_learnable: bool = False  # learn eta (in log space; its learning rate: train.think_lr_lr_mult)
-    think_max_move: float = 0.25  # m, largest change of one logit in one step
+    think_rule: str = "free_energy"  # free_energy: z <- z - clip(eta dF/dz) | ebt: z <- p - eta dE/dp (ebm.think)
+    think_start: str = "s1"  # where thinking starts: s1 (System 1 logits) | noise (N(0, 1)) | zeros
+    think_max_move: float = 0.25  # m, largest change of one logit in one step (free_energy rule)
+    think_clip: str = "hard"  # free_energy rule: hard = clamp to [-m, m]; smooth = m * tanh(x / m)
     think_noise: float = 0.0  # sigma, Langevin noise of the think steps while training
-    think_steps_random: bool = False  # training: draw K uniformly from 1..think_steps for each batch
+    think_steps_random: bool = False  # training: draw K uniformly from think_steps_min..think_steps for each batch
+    think_steps_min: int = 1  # the fewest steps think_steps_random draws
     think_lr_jitter: float = 0.0  # training: multiply eta by U(1 - j, 1 + j) for each batch
+    think_lr_spread: float = 1.0  # training: eta per position uniform in [eta / s, eta * s] (EBT's S2); 1 = off
     think_truncate: bool = False  # backprop through the last think step only (earlier steps are detached)
-    think_samples: int = 1  # self-verification: M candidates per position, keep the lowest free energy
+    think_detach: bool = False  # detach the candidate between steps (each step learns on its own, EBT's S1)
+    think_samples: int = 1  # self-verification: M candidates per position, keep the lowest verify_by
+    verify_by: str = "free_energy"  # self-verification keeps the lowest free_energy F = E - tau H | energy E
     ce_all_steps: bool = False  # cross-entropy averaged over z_1..z_K instead of z_K only
     replay_size: int = 0  # replay buffer: windows whose thinking output is kept to warm-start them (0 = off)
     replay_frac: float = 0.25  # fraction of each training batch drawn from the replay buffer
     aux_ce_weight: float = 0.1  # weight of the System 1 cross-entropy in the training loss
     energy_layers: int = 1  # transformer energy: candidate slots run through the top n blocks (0 = all)
+    cand_embed: str = "wte"  # transformer energy: candidate embedding p @ wte (wte) | bias-free Linear(V -> d) (linear)
+    think_step_embed: bool = False  # transformer energy: add a learned embedding of the step index to the slots
     mixture_hidden: int = 128  # width of g in the mixture energy
     mixture_stopgrad: bool = True  # mixture: treat p inside g as a constant when backpropagating
     # contrastive divergence (ebm.py: contrastive_loss)
@@ -201,6 +210,10 @@ class GPT(nn.Module):
             # is read from the slot's last hidden state
             self.cand_marker = nn.Parameter(torch.zeros(config.n_embd))
             self.energy_readout = nn.Linear(config.n_embd, 1, bias=False)
+            if config.cand_embed == "linear":  # EBT's vocab_to_embed: its own map from p to the slot
+                self.cand_proj = nn.Linear(config.vocab_size, config.n_embd, bias=False)
+            if config.think_step_embed:  # one energy landscape per step index (EBT's time embedding)
+                self.step_embed = nn.Embedding(max(1, config.think_steps), config.n_embd)
         if config.think_lr_learnable:
             self.think_log_lr = nn.Parameter(torch.tensor(math.log(config.think_lr)))
         self.apply(self._init_weights)
@@ -244,16 +257,26 @@ class GPT(nn.Module):
         """eta: learned (log-parametrised, so it stays positive) or the configured constant."""
         return self.think_log_lr.exp() if self.config.think_lr_learnable else self.config.think_lr
 
-    def candidate_energy(self, cand, caches):
+    def candidate_embedding(self, p):
+        """The embedding (..., d) of a relaxed candidate p (..., V): ybar(p) = p @ wte, or EBT's Linear(V -> d)."""
+        if self.config.cand_embed == "linear":
+            return self.cand_proj(p)
+        return p @ self.transformer.wte.weight
+
+    def candidate_energy(self, cand, caches, step=None):
         """
         Transformer energy: scalar energies (..., Tc) of candidate embeddings cand (..., Tc, d) for the last Tc
         positions of the observed stream held in caches (its per-layer keys/values, computed once).
         With energy_layers = n > 0 the slots enter at the top n blocks only: each think step then costs
-        n blocks instead of all of them.
+        n blocks instead of all of them. step: the think step's index, for the step embedding; None and
+        indices past the trained steps read the last step's landscape (as EBT does for extra steps).
         """
         Tc, L = cand.size(-2), caches[0].length
         pos = torch.arange(L - Tc, L, device=cand.device)
         c = cand + self.transformer.wpe(pos) + self.cand_marker
+        if self.config.think_step_embed:
+            last = self.step_embed.num_embeddings - 1
+            c = c + self.step_embed.weight[last if step is None else min(step, last)]
         first = self.config.n_layer - (self.config.energy_layers or self.config.n_layer)
         for block, cache in zip(self.transformer.h[first:], caches[first:]):
             c = block.candidates(c, cache)

@@ -24,7 +24,8 @@ from util import Processes, UserError, check_overrides, load_checkpoint, run, sa
 # what a resumed run must share with the checkpoint; any other change (a loss weight, a think option, the
 # learning rate, max_steps) is allowed and printed as a note
 # (model.block_size and model.vocab_size follow data.block_size and the vocabulary, checked beside these)
-ARCHITECTURE = ("n_layer", "n_head", "n_embd", "bias", "energy", "mixture_hidden", "think_lr_learnable")
+ARCHITECTURE = ("n_layer", "n_head", "n_embd", "bias", "energy", "mixture_hidden", "think_lr_learnable",
+                "cand_embed", "think_step_embed")
 
 
 class Checkpoints:
@@ -97,6 +98,8 @@ class Checkpoints:
         """Architecture, vocabulary and data must match the checkpoint; other changes are printed as notes."""
         old, new = ckpt["config"], OmegaConf.to_container(OmegaConf.structured(self.cfg))
         fixed = [f"model.{k}" for k in ARCHITECTURE if old["model"].get(k) != new["model"][k]]
+        if new["model"]["think_step_embed"] and old["model"].get("think_steps") != new["model"]["think_steps"]:
+            fixed.append("model.think_steps")  # one step embedding per step
         fixed += [f"data.{k}" for k in ("data_path", "block_size") if old["data"].get(k) != new["data"][k]]
         if fixed or ckpt["vocab"] != self.vocab.chars:
             raise UserError(f"{path} was trained with another {', '.join(fixed) or 'vocabulary'}; resume with the "

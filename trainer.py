@@ -60,6 +60,8 @@ ConfigStore.instance().store(name="train_schema", node=RunConfig)
 
 CONTRASTIVE_TYPES = ("cd", "pcd", "fast_pcd")
 ENERGIES = ("linear", "mixture", "transformer")
+CHOICES = {"think_rule": ("free_energy", "ebt"), "think_start": ("s1", "noise", "zeros"),
+           "think_clip": ("hard", "smooth"), "verify_by": ("free_energy", "energy"), "cand_embed": ("wte", "linear")}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -75,6 +77,9 @@ def check_config(cfg: RunConfig):
         problems.append(f"model.n_embd={m.n_embd} is not divisible by model.n_head={m.n_head}")
     if m.energy not in ENERGIES:
         problems.append(f"model.energy={m.energy} must be one of {', '.join(ENERGIES)}")
+    for key, allowed in CHOICES.items():
+        if getattr(m, key) not in allowed:
+            problems.append(f"model.{key}={getattr(m, key)} must be one of {', '.join(allowed)}")
     if m.contrastive_type not in CONTRASTIVE_TYPES:
         problems.append(f"model.contrastive_type={m.contrastive_type} must be one of {', '.join(CONTRASTIVE_TYPES)}")
     for key in ("think_steps", "contrastive_k"):
@@ -91,6 +96,10 @@ def check_config(cfg: RunConfig):
         problems.append(f"model.energy_layers={m.energy_layers} must be in 0..model.n_layer (0 = all blocks)")
     if m.replay_size < 0 or not 0 <= m.replay_frac <= 1:
         problems.append("model.replay_size must be >= 0 and model.replay_frac in [0, 1]")
+    if m.think_lr_spread < 1:
+        problems.append(f"model.think_lr_spread={m.think_lr_spread} must be >= 1 (1 = off)")
+    if not 1 <= m.think_steps_min <= max(1, m.think_steps):
+        problems.append(f"model.think_steps_min={m.think_steps_min} must be in 1..model.think_steps")
     if not 0 <= m.think_lr_jitter < 1:
         problems.append(f"model.think_lr_jitter={m.think_lr_jitter} must be in [0, 1)")
     if not 0 <= m.pcd_reinit_prob <= 1 or not 0 <= m.fast_weight_decay <= 1:
@@ -114,13 +123,18 @@ def inert_options(cfg: RunConfig):
     """Options set away from their default where they would do nothing: one problem each."""
     m, t, default = cfg.model, cfg.train, ModelConfig()
     thinking = ("think_steps_random", "think_lr_jitter", "think_noise", "think_truncate", "ce_all_steps",
-                "think_lr_learnable", "replay_size", "replay_frac")
+                "think_lr_learnable", "replay_size", "replay_frac", "think_rule", "think_start", "think_detach",
+                "think_lr_spread", "think_step_embed")
     contrastive = ("contrastive_type", "contrastive_weight", "contrastive_k", "contrastive_reg", "langevin_step_size",
                    "langevin_noise_scale", "n_persistent", "pcd_reinit_prob", "fast_weight_lr", "fast_weight_decay")
     rules = [  # (keys, whether they act, the setting under which they do nothing)
         (thinking, m.think_steps > 0, "model.think_steps=0 (no thinking)"),
         (("ce_all_steps",), not m.think_truncate, "model.think_truncate=true (the earlier steps carry no graph)"),
         (("replay_frac",), m.replay_size > 0, "model.replay_size=0 (no replay buffer)"),
+        (("think_steps_min",), m.think_steps_random, "model.think_steps_random=false"),
+        (("think_detach",), not m.think_truncate, "model.think_truncate=true (the earlier steps carry no graph)"),
+        (("think_max_move", "think_clip"), m.think_rule == "free_energy", f"model.think_rule={m.think_rule}"),
+        (("cand_embed", "think_step_embed"), m.energy == "transformer", f"model.energy={m.energy}"),
         (("mixture_hidden", "mixture_stopgrad"), m.energy == "mixture", f"model.energy={m.energy}"),
         (("energy_layers",), m.energy == "transformer", f"model.energy={m.energy}"),
         (contrastive, m.use_contrastive, "model.use_contrastive=false"),

@@ -13,9 +13,10 @@ import ebm
 import eval as eval_mod  # noqa: E402  (registers the eval_schema config node; the module, not the builtin)
 from util import UserError
 
-PARTS = {"think_sweep", "temperature_control", "self_verification", "uncertainty", "adaptive", "ood"}
-HEADINGS = ["## think sweep", "## temperature-matched control", "## self-verification", "## energy as uncertainty",
-            "## adaptive compute", "## out of distribution"]
+PARTS = {"think_sweep", "temperature_control", "self_verification", "exact_verifier", "uncertainty", "adaptive",
+         "ood"}
+HEADINGS = ["## think sweep", "## temperature-matched control", "## self-verification", "## exact verifier",
+            "## energy as uncertainty", "## adaptive compute", "## out of distribution"]
 TIMINGS = {"us_per_token", "eval_seconds"}
 # a skewed alphabet (a repeated character is drawn more often), so that a trained model's System 1 carries
 # information and its best temperature is finite; 9 distinct symbols
@@ -417,6 +418,24 @@ def test_report_is_consistent_across_parts(trained_result):
         assert o["gain"] == pytest.approx(-best["delta"], abs=1e-12) and o["gain"] >= 0
     # 5% of the inputs substituted: not val (~4e-5 apart on this model, which uses little context; rounding ~1e-7)
     assert abs(r["ood"]["corrupted_val"]["sweep"][0]["loss"] - sweep[0]["loss"]) > 1e-5
+
+
+def test_exact_verifier_of_linear_energy_is_system1_at_its_temperature(trained_result):
+    """Linear energy: E(x, onehot(v)) = e[v], so the exact verifier is System 1 at its best temperature, and its
+    argmin is System 1's argmax (which linear thinking keeps)."""
+    r = trained_result
+    x, t = r["exact_verifier"], r["temperature_control"]
+    assert x["temperature"] == pytest.approx(t["s1_temperature"], rel=1e-6)
+    assert x["loss"] == pytest.approx(t["s1_at_temperature"]["loss"], abs=1e-6)
+    assert x["argmax_is_argmin"] == pytest.approx(1.0)  # tau = 0.1, no noise: thinking keeps the argmax
+    assert x["accuracy"] == pytest.approx(x["think_accuracy"])
+
+
+def test_self_verification_reports_both_rankings(trained_result):
+    """Each self-verification row ranks by the model's verify_by and, under by_<other>, by the other."""
+    for row in trained_result["self_verification"]:
+        assert row["verify_by"] == "free_energy" and "loss" in row["by_energy"]
+    assert trained_result["self_verification"][0]["by_energy"]["loss"] == trained_result["self_verification"][0]["loss"]
 
 
 def test_corrupt_zero_copies_val(trained):
