@@ -60,6 +60,10 @@ def no_login(tmp_path, monkeypatch):
     """This process as on a machine without a wandb login and without a terminal; wandb's session is reset."""
     import wandb
 
+    # end wandb's session first: its service's address lives in WANDB_SERVICE, which must not come back once
+    # the service is gone (a later wandb.init in this process would try to reach it)
+    wandb.teardown()
+    os.environ.pop("WANDB_SERVICE", None)
     home = tmp_path / "home"
     home.mkdir()
     for k in list(os.environ):
@@ -68,9 +72,9 @@ def no_login(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("XDG_CONFIG_HOME", str(home / ".config"))
     monkeypatch.setattr(sys, "stdin", io.StringIO())  # not a terminal
-    wandb.teardown()  # wandb reads its settings once per session
     yield
     wandb.teardown()
+    os.environ.pop("WANDB_SERVICE", None)
 
 
 @pytest.mark.parametrize("mode", ["offline", "disabled"])
