@@ -431,14 +431,16 @@ def evaluate_checkpoint(cfg: EvalConfig):
     return result
 
 
+def num(x, nd=4):
+    return f"{x:.{nd}f}"
+
+
+def delta(s):
+    return f"{s['delta']:+.4f} ± {s['delta_se']:.4f}"
+
+
 def markdown(r):
-    """The report as markdown tables."""
-    def f(x, nd=4):
-        return f"{x:.{nd}f}"
-
-    def d(s):
-        return f"{s['delta']:+.4f} ± {s['delta_se']:.4f}"
-
+    """The report as markdown tables, one section per part of eval.json."""
     out = [f"# eval of {r['checkpoint']}",
            f"energy {r['energy']}, trained with think_steps {r['model_think_steps']}; {r['tokens']} val tokens "
            f"reported, {r['tune_tokens']} for tuning temperatures; device {r['device']}; losses in nats "
@@ -447,53 +449,70 @@ def markdown(r):
            f"characters ({r['report_windows']} report windows), since neighbouring characters are correlated", "",
            "## think sweep", "| think_steps | val loss | bits/char | vs K=0 | µs/token |", "|---|---|---|---|---|"]
     for row in r["think_sweep"]:
-        out.append(f"| {row['think_steps']} | {f(row['loss'])} ± {row['se']:.4f} | {f(row['bits_per_char'])} | "
-                   f"{d(row)} | {row['us_per_token']:.1f} |")
+        out.append(f"| {row['think_steps']} | {num(row['loss'])} ± {row['se']:.4f} | {num(row['bits_per_char'])} | "
+                   f"{delta(row)} | {row['us_per_token']:.1f} |")
     t = r["temperature_control"]
     out += ["", f"## temperature-matched control (K={t['think_steps']}; temperatures chosen on the tune slice)",
             "| prediction | temperature | val loss | vs raw System 1 |", "|---|---|---|---|",
-            f"| System 1 | 1 | {f(t['s1']['loss'])} | |",
-            f"| System 1 | {t['s1_temperature']:.3f} | {f(t['s1_at_temperature']['loss'])} | {d(t['s1_at_temperature'])} |",
-            f"| thinking | 1 | {f(t['s2']['loss'])} | {d(t['s2'])} |",
-            f"| thinking | {t['s2_temperature']:.3f} | {f(t['s2_at_temperature']['loss'])} | "
-            f"{d(t['s2_at_temperature'])} vs System 1 at its temperature |"]
+            f"| System 1 | 1 | {num(t['s1']['loss'])} | |",
+            f"| System 1 | {t['s1_temperature']:.3f} | {num(t['s1_at_temperature']['loss'])} | "
+            f"{delta(t['s1_at_temperature'])} |",
+            f"| thinking | 1 | {num(t['s2']['loss'])} | {delta(t['s2'])} |",
+            f"| thinking | {t['s2_temperature']:.3f} | {num(t['s2_at_temperature']['loss'])} | "
+            f"{delta(t['s2_at_temperature'])} vs System 1 at its temperature |"]
+    return "\n".join(out + verification_markdown(r) + uncertainty_markdown(r) + ood_markdown(r))
+
+
+def verification_markdown(r):
+    """Self-verification (both rankings) and the exact verifier."""
     own = r["self_verification"][0]["verify_by"]
     other = "energy" if own == "free_energy" else "free_energy"
-    out += ["", f"## self-verification (K={r['think_steps']}; kept: lowest {own}, or lowest {other})",
-            f"| samples M | val loss | vs M=1 | random start chosen | by {other}: val loss | vs M=1 | µs/token |",
-            "|---|---|---|---|---|---|---|"]
+    out = ["", f"## self-verification (K={r['think_steps']}; kept: lowest {own}, or lowest {other})",
+           f"| samples M | val loss | vs M=1 | random start chosen | by {other}: val loss | vs M=1 | µs/token |",
+           "|---|---|---|---|---|---|---|"]
     for row in r["self_verification"]:
         o = row[f"by_{other}"]
-        out.append(f"| {row['samples']} | {f(row['loss'])} | {d(row)} | {row['random_start_chosen']:.4f} | "
-                   f"{f(o['loss'])} | {d(o)} | {row['us_per_token']:.1f} |")
+        out.append(f"| {row['samples']} | {num(row['loss'])} | {delta(row)} | {row['random_start_chosen']:.4f} | "
+                   f"{num(o['loss'])} | {delta(o)} | {row['us_per_token']:.1f} |")
     x = r["exact_verifier"]
-    out += ["", f"## exact verifier (softmax(-E(x, v) / T) over every token v, T = {x['temperature']:.3f})",
-            "| val loss | vs thinking | accuracy | thinking's accuracy | thinking's argmax = argmin E |",
-            "|---|---|---|---|---|",
-            f"| {f(x['loss'])} | {d(x)} | {x['accuracy']:.4f} | {x['think_accuracy']:.4f} | "
-            f"{x['argmax_is_argmin']:.4f} |"]
+    return out + ["", f"## exact verifier (softmax(-E(x, v) / T) over every token v, T = {x['temperature']:.3f})",
+                  "| val loss | vs thinking | accuracy | thinking's accuracy | thinking's argmax = argmin E |",
+                  "|---|---|---|---|---|",
+                  f"| {num(x['loss'])} | {delta(x)} | {x['accuracy']:.4f} | {x['think_accuracy']:.4f} | "
+                  f"{x['argmax_is_argmin']:.4f} |"]
+
+
+def uncertainty_markdown(r):
+    """Energy as uncertainty, and adaptive compute."""
     u = r["uncertainty"]
-    out += ["", f"## energy as uncertainty (K={u['think_steps']}; argmax wrong on {u['error_rate']:.1%} of tokens)",
-            "| score | Pearson with loss | Spearman with loss | AUROC for argmax wrong |", "|---|---|---|---|"]
-    for name in ("energy", "energy_gap", "free_energy", "max_prob"):
+    out = ["", f"## energy as uncertainty (K={u['think_steps']}; argmax wrong on {u['error_rate']:.1%} of tokens)",
+           "| score | Pearson with loss | Spearman with loss | AUROC for argmax wrong |", "|---|---|---|---|"]
+    labels = {"energy": "E(p_K)", "energy_gap": "E(p_K) - min_v E(x, v)", "free_energy": "F(z_K)",
+              "max_prob": "1 - max p (baseline)"}
+    for name, label in labels.items():
         s = u[name]
-        label = {"energy": "E(p_K)", "energy_gap": "E(p_K) - min_v E(x, v)", "free_energy": "F(z_K)",
-                 "max_prob": "1 - max p (baseline)"}[name]
-        out.append(f"| {label} | {f(s['pearson'], 3)} | {f(s['spearman'], 3)} | {f(s['auroc'], 3)} |")
+        out.append(f"| {label} | {num(s['pearson'], 3)} | {num(s['spearman'], 3)} | {num(s['auroc'], 3)} |")
     out += ["", "## adaptive compute (stop when the free energy changes by less than epsilon)",
             "| epsilon | mean steps | val loss | vs K=0 | fixed K | its val loss |", "|---|---|---|---|---|---|"]
     for row in r["adaptive"]:
-        out.append(f"| {row['epsilon']:g} | {row['mean_steps']:.2f} / {row['max_steps']} | {f(row['loss'])} | "
-                   f"{d(row)} | {row['fixed_steps']} | {f(row['fixed']['loss'])} |")
+        out.append(f"| {row['epsilon']:g} | {row['mean_steps']:.2f} / {row['max_steps']} | {num(row['loss'])} | "
+                   f"{delta(row)} | {row['fixed_steps']} | {num(row['fixed']['loss'])} |")
+    return out
+
+
+def ood_markdown(r):
+    """The think sweep on val, the out-of-distribution text and the corrupted val, side by side."""
     o = r["ood"]
     names = [n for n in ("val", "ood_text", "corrupted_val") if n in o]
-    out += ["", f"## out of distribution (ood_text {o['ood_path']}; corrupted val: {o['corrupt']:.0%} substituted)",
-            "| think_steps | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    out = ["", f"## out of distribution (ood_text {o['ood_path']}; corrupted val: {o['corrupt']:.0%} substituted)",
+           "| think_steps | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for i, k in enumerate(row["think_steps"] for row in o["val"]["sweep"]):
-        out.append(f"| {k} | " + " | ".join(f"{f(o[n]['sweep'][i]['loss'])} ({d(o[n]['sweep'][i])})" for n in names) + " |")
+        out.append(f"| {k} | " + " | ".join(f"{num(o[n]['sweep'][i]['loss'])} ({delta(o[n]['sweep'][i])})"
+                                             for n in names) + " |")
     out.append("| tokens | " + " | ".join(str(o[n]["tokens"]) for n in names) + " |")
-    out.append("| gain of the best K | " + " | ".join(f"{o[n]['gain']:+.4f} (K={o[n]['best_think_steps']})" for n in names) + " |")
-    return "\n".join(out)
+    out.append("| gain of the best K | " + " | ".join(f"{o[n]['gain']:+.4f} (K={o[n]['best_think_steps']})"
+                                                      for n in names) + " |")
+    return out
 
 
 def main_eval(cfg: EvalConfig):
