@@ -1,5 +1,6 @@
-"""Shared fixtures: the repo root on sys.path and a tiny seeded GPT."""
+"""Shared fixtures: the repo root on sys.path, a tiny seeded GPT, and the leak check of the loss terms."""
 
+import copy
 import sys
 from pathlib import Path
 
@@ -10,6 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import ebm  # noqa: E402
 from model import GPT, ModelConfig  # noqa: E402
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=11, block_size=16, dropout=0.0)
@@ -20,6 +22,40 @@ def make_model(seed=0, dtype=torch.float64, **overrides):
     torch.manual_seed(seed)
     cfg = ModelConfig(**{**TINY, **overrides})
     return GPT(cfg).to(dtype)
+
+
+def assert_no_leak(model, seq, positions, expected=None):
+    """
+    The per-position loss terms of ebm.losses at positions <= t do not change when the tokens after x_{t+1}
+    change (a consistent new sequence), nor when the inputs from x_{t+1} on change while the targets stay
+    (position t must not see its own target); those after t do change. Train and eval mode, the same seeds
+    and chain state every call. seq (B, T + 1) of token ids; expected: the loss terms in training mode.
+    """
+    state0 = ebm.ChainState(model.config).to(model.energy_head.weight.dtype)
+    g = torch.Generator().manual_seed(7)
+
+    def run(idx, targets, training):
+        model.train(training)
+        torch.manual_seed(123)
+        with torch.no_grad():
+            return ebm.losses(model, idx, targets, copy.deepcopy(state0))
+
+    def changed(x, start):
+        x2 = x.clone()
+        x2[:, start:] = (x[:, start:] + 1 + torch.randint(model.config.vocab_size - 1, x[:, start:].shape,
+                                                          generator=g)) % model.config.vocab_size
+        return x2
+
+    for t in positions:
+        seq2, idx3 = changed(seq, t + 2), changed(seq[:, :-1], t + 1)
+        for training in (True, False):
+            a = run(seq[:, :-1], seq[:, 1:], training)
+            if expected is not None:
+                assert set(a) == (expected if training else {"ce", "ce_s1"})
+            for b in (run(seq2[:, :-1], seq2[:, 1:], training), run(idx3, seq[:, 1:], training)):
+                for name in a:  # the same computation on the same shapes: equal up to rounding
+                    assert torch.allclose(a[name][:, : t + 1], b[name][:, : t + 1], rtol=0, atol=1e-12), (name, t)
+                    assert not torch.allclose(a[name][:, t + 1:], b[name][:, t + 1:]), (name, t)
 
 
 @pytest.fixture
