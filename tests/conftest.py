@@ -24,6 +24,16 @@ def make_model(seed=0, dtype=torch.float64, **overrides):
     return GPT(cfg).to(dtype)
 
 
+def perturb(model, scale=0.15, seed=0):
+    """Add N(0, scale^2) to every parameter: attention stops being uniform, and the energies' own parameters
+    (mixture g, the candidate marker, step embeddings) stop being ~0, so that they matter."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, dtype=p.dtype, generator=g))
+    return model
+
+
 def assert_no_leak(model, seq, positions, expected=None):
     """
     The per-position loss terms of ebm.losses at positions <= t do not change when the tokens after x_{t+1}

@@ -10,7 +10,7 @@ from torch.nn import functional as F
 import ebm
 import eval as eval_mod
 import trainer
-from conftest import assert_no_leak, make_model
+from conftest import assert_no_leak, make_model, perturb
 from helpers import TINY, TINY_MODEL, compose_cfg, read_metrics, run_sample, run_train, write_corpus
 from util import UserError
 
@@ -25,15 +25,6 @@ S1 = dict(energy="transformer", energy_layers=0, cand_embed="linear", think_rule
 S2 = dict(energy="transformer", energy_layers=0, cand_embed="linear", think_rule="ebt", think_start="noise",
           think_steps=3, think_steps_random=True, think_steps_min=2, think_lr=5.0, think_lr_spread=2.0,
           think_noise=3.0, think_truncate=True, replay_size=8, replay_frac=0.5, aux_ce_weight=0.0, verify_by="energy")
-
-
-def perturb(model, scale=0.15, seed=0):
-    """Add N(0, scale^2) to every parameter, so that attention, the marker and step embeddings matter."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(scale * torch.randn(p.shape, dtype=p.dtype, generator=g))
-    return model
 
 
 def batch(B=2, T=16, seed=0):

@@ -8,7 +8,7 @@ from torch.nn import functional as F
 
 import ebm
 import train as train_mod
-from conftest import assert_no_leak, make_model
+from conftest import assert_no_leak, make_model, perturb
 from helpers import TINY_MODEL, run_train, write_corpus
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -32,15 +32,6 @@ def seq_batch(B=2, T=16, seed=0):
     g = torch.Generator().manual_seed(seed)
     seq = torch.randint(V, (B, T + 1), generator=g)
     return seq[:, :-1], seq[:, 1:]
-
-
-def perturb(model, scale=0.15, seed=0):
-    """Add N(0, scale^2) to every parameter: attention stops being uniform, g and cand_marker stop being ~0."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(scale * torch.randn(p.shape, dtype=p.dtype, generator=g))
-    return model
 
 
 def grads(loss, params, retain_graph=False):
