@@ -95,7 +95,8 @@ class Dataset:
     def __init__(self, text, block_size):
         self.vocab = Vocab.from_text(text)
         ids = torch.tensor(self.vocab.encode(text), dtype=torch.long)
-        self.splits = dict(zip(("train", "val"), train_val_split(ids)))
+        train, val = train_val_split(ids)
+        self.splits = {"train": train, "val": val}
         self.block_size = block_size
         shortest = min(len(s) for s in self.splits.values())
         if block_size < 1 or shortest <= block_size:

@@ -223,8 +223,7 @@ class Runner:
             zks.append(zs[-1].flatten(0, 1).float().cpu())
             chosen.append(kept.flatten().cpu())
             if energies:
-                E, free = free_energy(zs[-1], make_energy(self.model, h, e, caches),
-                                             self.model.config.entropy_weight)
+                E, free = free_energy(zs[-1], make_energy(self.model, h, e, caches), self.model.config.entropy_weight)
                 Es.append(E.detach().flatten().cpu())
                 Fs.append(free.detach().flatten().cpu())
         sync(self.device)

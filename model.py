@@ -312,5 +312,5 @@ def fused_adamw(device_type):
     if device_type == "cuda":
         return True
     if device_type == "mps":
-        return torch.__version__ >= "2.4"
+        return torch.__version__ >= "2.4"  # a TorchVersion: compared as a version, not as text
     return False
