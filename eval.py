@@ -240,15 +240,25 @@ class Runner:
             out.append(onehot_energies(self.model, h, e, caches).flatten(0, 1).float().cpu())
         return torch.cat(out)
 
-    def sweep(self, steps_list):
-        """Loss of the prediction after K think steps for each K, paired against K = 0."""
-        rows, base = [], None
+    def sweep(self, steps_list, tuner=None):
+        """Loss of the prediction after K think steps for each K, paired against K = 0. With a tuner (the tune
+        slice), also at each K's own best temperature, paired against the model's trained K (else the first K)
+        at its best temperature: more thinking must beat the trained thinking sharpened or softened the cheap
+        way, not only raw."""
+        rows, base, tuned = [], None, {}
         for k in steps_list:
             run = self.logits(k)
             if base is None:
                 base = self.losses(run.z0)  # System 1 is the prediction at K = 0
             rows.append({"think_steps": k, **summary(self.losses(run.zk), base),
                          "us_per_token": 1e6 * run.seconds})
+            if tuner is not None:
+                rows[-1]["temperature"] = best_temperature(tuner.logits(k).zk, tuner.targets)
+                tuned[k] = self.losses(run.zk / rows[-1]["temperature"])
+        trained = self.model.config.think_steps
+        ref = trained if trained in tuned else steps_list[0]
+        for row in rows if tuned else []:
+            row["at_temperature"] = {"vs_think_steps": ref, **summary(tuned[row["think_steps"]], tuned[ref])}
         return rows
 
     def adaptive(self, max_steps, eps):
@@ -420,7 +430,7 @@ def evaluate_checkpoint(cfg: EvalConfig):
               "think_steps": K, "tokens": report.tokens, "tune_tokens": tuner.tokens, "device": device,
               "uniform_loss": math.log(len(vocab)), "report_windows": report.x.size(0),
               "bootstrap_resamples": BOOTSTRAP}
-    result["think_sweep"] = report.sweep(cfg.sweep)
+    result["think_sweep"] = report.sweep(cfg.sweep, tuner)
     result["temperature_control"], thought, s1, s2 = temperature_part(report, tuner, K)
     result["self_verification"] = self_verification_part(report, K, cfg.samples, cfg.seed, s2)
     result["exact_verifier"], min_energy = exact_verifier_part(report, tuner, thought, s2)
@@ -446,10 +456,14 @@ def markdown(r):
            f"(uniform: {r['uniform_loss']:.4f}); ± is one standard error of the loss or of the paired "
            f"difference, from {r['bootstrap_resamples']} bootstrap resamples of whole windows of block_size "
            f"characters ({r['report_windows']} report windows), since neighbouring characters are correlated", "",
-           "## think sweep", "| think_steps | val loss | bits/char | vs K=0 | µs/token |", "|---|---|---|---|---|"]
+           "## think sweep (each K also at its own best temperature, chosen on the tune slice)",
+           f"| think_steps | val loss | bits/char | vs K=0 | µs/token | best T | val loss at best T | "
+           f"vs K={r['think_sweep'][0]['at_temperature']['vs_think_steps']} at its best T |", "|---" * 8 + "|"]
     for row in r["think_sweep"]:
+        tuned = row["at_temperature"]
         out.append(f"| {row['think_steps']} | {num(row['loss'])} ± {row['se']:.4f} | {num(row['bits_per_char'])} | "
-                   f"{delta(row)} | {row['us_per_token']:.1f} |")
+                   f"{delta(row)} | {row['us_per_token']:.1f} | {row['temperature']:.3f} | {num(tuned['loss'])} | "
+                   f"{delta(tuned)} |")
     t = r["temperature_control"]
     out += ["", f"## temperature-matched control (K={t['think_steps']}; temperatures chosen on the tune slice)",
             "| prediction | temperature | val loss | vs raw System 1 |", "|---|---|---|---|",

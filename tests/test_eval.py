@@ -401,6 +401,13 @@ def test_report_is_consistent_across_parts(trained_result):
     assert t["s2"]["loss"] == pytest.approx(sweep[2]["loss"], abs=1e-9)
     assert t["s2"]["delta"] == pytest.approx(sweep[2]["delta"], abs=1e-9)
     assert t["s1_at_temperature"]["loss"] <= t["s1"]["loss"] + 0.01  # chosen on another slice: near-best
+    # each K at its own best temperature: K=0 and K=2 are the temperature control's rows, paired against K=2
+    assert sweep[2]["at_temperature"]["vs_think_steps"] == 2 and sweep[2]["at_temperature"]["delta"] == 0.0
+    assert sweep[0]["temperature"] == pytest.approx(t["s1_temperature"], rel=1e-9)
+    assert sweep[2]["temperature"] == pytest.approx(t["s2_temperature"], rel=1e-9)
+    assert sweep[0]["at_temperature"]["loss"] == pytest.approx(t["s1_at_temperature"]["loss"], abs=1e-9)
+    assert sweep[2]["at_temperature"]["loss"] == pytest.approx(t["s2_at_temperature"]["loss"], abs=1e-9)
+    assert sweep[0]["at_temperature"]["delta"] == pytest.approx(-t["s2_at_temperature"]["delta"], abs=1e-9)
     m1 = r["self_verification"][0]
     assert m1["samples"] == 1 and m1["random_start_chosen"] == 0.0 and m1["delta"] == 0.0
     assert m1["loss"] == pytest.approx(t["s2"]["loss"], abs=1e-9)
@@ -442,7 +449,8 @@ def test_corrupt_zero_copies_val(trained):
     """corrupt=0: the corrupted copy of val is val itself, so its sweep equals the think sweep."""
     ckpt, ood = trained
     r = eval_mod.evaluate_checkpoint(eval_cfg(ckpt, ood, "corrupt=0.0", "samples=[1]", "epsilons=[]"))
-    assert figures(r["ood"]["corrupted_val"]["sweep"]) == figures(r["think_sweep"])
+    untuned = TIMINGS | {"temperature", "at_temperature"}  # only val's sweep is also tuned
+    assert figures(r["ood"]["corrupted_val"]["sweep"], untuned) == figures(r["think_sweep"], untuned)
 
 
 def test_corrupted_val_corrupts_inputs_only(trained, monkeypatch):
