@@ -100,9 +100,10 @@ def summary(losses, base=None):
     return out
 
 
-def best_temperature(z, y, lo=1e-2, hi=1e2, iters=100):
+def best_temperature(z, y, lo=1e-4, hi=1e4, iters=100):
     """The temperature T minimising mean CE(z / T): golden-section search on log T. CE is convex in 1/T
-    (a log-sum-exp of a linear function of 1/T), so it has one minimum and the search finds it."""
+    (a log-sum-exp of a linear function of 1/T), so it has one minimum and the search finds it. The range is
+    wide because energies need not be on the logits' scale: an EBT's one-hot energies differ by ~0.01."""
     def loss(log_t):
         return ce(z.double() / math.exp(log_t), y).mean().item()  # float64: T is found to ~1e-8
 

@@ -151,7 +151,7 @@ def calibrated(n=100_000, v=10, seed=0):
     return z, y
 
 
-@pytest.mark.parametrize("c", [2.0, 0.5])
+@pytest.mark.parametrize("c", [2.0, 0.5, 1e-3, 1e3])  # energies far from the logits' scale too
 def test_best_temperature_recovers_scale(c):
     """For z = c * z_true with targets drawn from softmax(z_true), the best temperature is c."""
     z, y = calibrated()
