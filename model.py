@@ -42,7 +42,7 @@ class ModelConfig:
     think_truncate: bool = False  # backprop through the last think step only (earlier steps are detached)
     think_detach: bool = False  # detach the candidate between steps (each step learns on its own, EBT's S1)
     think_samples: int = 1  # self-verification: M candidates per position, keep the lowest verify_by
-    verify_by: str = "free_energy"  # self-verification keeps the lowest free_energy F = E - tau H | energy E
+    verify_by: str = "energy"  # self-verification keeps the lowest energy E | free_energy F = E - tau H (docs/results.md)
     ce_all_steps: bool = False  # cross-entropy averaged over z_1..z_K instead of z_K only
     replay_size: int = 0  # replay buffer: windows whose thinking output is kept to warm-start them (0 = off)
     replay_frac: float = 0.25  # fraction of each training batch drawn from the replay buffer

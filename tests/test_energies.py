@@ -620,10 +620,11 @@ def test_self_verification_linear_all_candidates_converge_alike(monkeypatch):
 
 @pytest.mark.parametrize("energy", ["mixture", "transformer"])
 def test_self_verification_never_worse_than_system1_start(energy, monkeypatch):
-    """samples=M keeps per position the lowest free energy of M candidates, so it is <= the z_0 start's (samples=1)."""
+    """samples=M with verify_by=free_energy keeps per position the lowest free energy of M candidates, so it is
+    <= the z_0 start's (samples=1)."""
     tau, K, M = 0.1, 3, 6
     model = perturb(make_model(energy=energy, entropy_weight=tau, think_steps=K, think_lr=1.0, think_samples=M,
-                               mixture_stopgrad=False), 0.1).eval()
+                               mixture_stopgrad=False, verify_by="free_energy"), 0.1).eval()
     idx, targets = seq_batch(2, 16)
     with torch.no_grad():
         caches = model.new_caches(2) if energy == "transformer" else None

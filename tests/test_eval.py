@@ -441,8 +441,8 @@ def test_exact_verifier_of_linear_energy_is_system1_at_its_temperature(trained_r
 def test_self_verification_reports_both_rankings(trained_result):
     """Each self-verification row ranks by the model's verify_by and, under by_<other>, by the other."""
     for row in trained_result["self_verification"]:
-        assert row["verify_by"] == "free_energy" and "loss" in row["by_energy"]
-    assert trained_result["self_verification"][0]["by_energy"]["loss"] == trained_result["self_verification"][0]["loss"]
+        assert row["verify_by"] == "energy" and "loss" in row["by_free_energy"]  # the default ranks by E
+    assert trained_result["self_verification"][0]["by_free_energy"]["loss"] == trained_result["self_verification"][0]["loss"]
 
 
 def test_corrupt_zero_copies_val(trained):
@@ -477,7 +477,7 @@ def test_system2_logits_returns_the_kept_start(monkeypatch, one_thread):
     """return_chosen: per position the index (0 = System 1) of the start whose thought candidate is kept;
     samples=1 gives all zeros; the logits are those returned without return_chosen."""
     tau, K, M = 0.1, 3, 4
-    model = make_model(entropy_weight=tau, think_lr=1.0, think_max_move=math.inf).eval()
+    model = make_model(entropy_weight=tau, think_lr=1.0, think_max_move=math.inf, verify_by="free_energy").eval()
     e = torch.randn(3, 16, model.config.vocab_size, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     calls = []
     real_think = ebm.think
