@@ -1,6 +1,6 @@
 """
-Character-level data: load the text (downloading tiny Shakespeare if it is missing), build the vocabulary,
-split 90/10 into train/val as nanoGPT does, and draw random batches.
+Character-level data: load the text (downloading tiny Shakespeare, or writing dyck.py's bracket tasks, if it
+is missing), build the vocabulary, split 90/10 into train/val as nanoGPT does, and draw random batches.
 """
 
 import hashlib
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+import dyck
 from util import UserError
 
 REPO = Path(__file__).resolve().parent
@@ -40,6 +41,10 @@ def download_shakespeare(path):
                         f"copy it to {path} or pass data.data_path=FILE") from None
     if hashlib.sha256(raw).hexdigest() != SHAKESPEARE_SHA256:
         raise UserError(f"the downloaded tiny Shakespeare has the wrong sha256; copy a good copy to {path}")
+    write_atomically(path, raw)
+
+
+def write_atomically(path, raw):
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(raw)
     tmp.replace(path)
@@ -48,10 +53,14 @@ def download_shakespeare(path):
 def load_text(data_path):
     path = resolve_path(data_path)
     if not path.exists():
-        if path.name != "shakespeare.txt":
+        if path.name == "dyck.txt":  # generated here, deterministically (dyck.py)
+            print(f"writing balanced-bracket tasks to {path} (dyck.training_text)")
+            write_atomically(path, dyck.training_text().encode())
+        elif path.name == "shakespeare.txt":
+            print(f"downloading tiny Shakespeare to {path}")
+            download_shakespeare(path)
+        else:
             raise UserError(f"data file {path} not found: pass data.data_path=FILE with a text file")
-        print(f"downloading tiny Shakespeare to {path}")
-        download_shakespeare(path)
     try:
         return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:

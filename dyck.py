@@ -1,0 +1,104 @@
+"""
+Balanced brackets (Dyck words over `()` and `[]`), generated locally and deterministically from a seed: data
+where a correct answer is easier to check than to produce, and where nesting depth can be pushed past
+anything seen in training.
+
+Each line is one task: a prefix of a Dyck word, `=`, then the closing sequence its open brackets need:
+
+    ([]([=]))          prefix ([]([   opens ( ( [   completion ]))
+
+The completion is determined by the prefix (a stack check), so a model either closes correctly or not.
+`uv run train.py data.data_path=dyck.txt` trains on it like on tiny Shakespeare: data.py writes dyck.txt
+from `training_text()` when the file is missing. The evaluation sets (`eval_sets()`) are prefixes in bins:
+in distribution, depth just past the training depth, depth far past it, and long opener-closer distance.
+"""
+
+import random
+
+PAIRS = {"(": ")", "[": "]"}  # opener -> closer
+SEP = "="  # between the prefix and its completion
+TRAIN_SEED = 1234  # dyck.txt is training_text(TRAIN_SEED)
+TRAIN_CHARS = 1_000_000  # about the size of tiny Shakespeare
+MAX_DEPTH = 8  # D_train: the deepest nesting in the training text
+MAX_SPAN = 24  # training: an opener and its closer are at most this many characters apart
+MAX_LEN = 48  # training: characters per line before the newline
+# evaluation bins: (depth range, span range, line length limit); every line fits a block of 64
+BINS = {
+    "in_distribution": ((1, MAX_DEPTH), (1, MAX_SPAN), MAX_LEN),
+    "depth_just_past": ((MAX_DEPTH + 1, MAX_DEPTH + 2), (1, 63), 63),
+    "depth_far_past": ((MAX_DEPTH + 5, MAX_DEPTH + 8), (1, 63), 63),
+    "long_distance": ((1, MAX_DEPTH), (MAX_SPAN + 12, 62), 63),
+}
+
+
+def task(rng, max_depth, max_span, max_len, p_open=0.5):
+    """
+    One (prefix, completion): a random walk over brackets that opens with probability p_open while the
+    depth, the line length and the distance of the oldest open bracket to its closer allow it, else closes
+    the innermost, and stops at a random length with at least one bracket open. The completion closes every
+    open bracket, innermost first. Lengths count the word prefix + completion (the `=` is not part of it).
+    """
+    word_len = rng.randrange(2, max_len)  # target length of prefix + completion
+    prefix, stack = [], []  # stack: (closer, position of its opener)
+    while True:
+        n, d = len(prefix), len(stack)
+        if d and n + d >= word_len:  # long enough: stop here and let the completion close
+            break
+        # opening now puts the oldest opener's closer at n + d + 1 at the earliest
+        can_open = d < max_depth and n + d + 2 <= max_len and (not d or n + d + 1 - stack[0][1] <= max_span)
+        if d == 0 or (can_open and rng.random() < p_open):
+            opener = rng.choice(list(PAIRS))
+            stack.append((PAIRS[opener], n))
+            prefix.append(opener)
+        else:
+            prefix.append(stack.pop()[0])
+    return "".join(prefix), "".join(closer for closer, _ in reversed(stack))
+
+
+def measure(word):
+    """(balanced, deepest nesting, longest opener-closer distance) of a bracket string."""
+    stack, depth, span = [], 0, 0
+    for i, c in enumerate(word):
+        if c in PAIRS:
+            stack.append((PAIRS[c], i))
+            depth = max(depth, len(stack))
+        elif not stack or stack[-1][0] != c:
+            return False, depth, span
+        else:
+            span = max(span, i - stack.pop()[1])
+    return not stack, depth, span
+
+
+def training_text(seed=TRAIN_SEED, n_chars=TRAIN_CHARS):
+    """Lines `prefix=completion` of depth <= MAX_DEPTH, span <= MAX_SPAN, length <= MAX_LEN, ~n_chars in all."""
+    rng, lines, total = random.Random(seed), [], 0
+    while total < n_chars:
+        prefix, completion = task(rng, MAX_DEPTH, MAX_SPAN, MAX_LEN)
+        lines.append(prefix + SEP + completion)
+        total += len(lines[-1]) + 1
+    return "\n".join(lines) + "\n"
+
+
+def eval_sets(seed, n_per_bin, exclude=(), tries=10_000):
+    """
+    {bin: [(prefix, completion), ...]}: n_per_bin distinct tasks for each bin of BINS, none whose prefix is in
+    `exclude` (e.g. the training text's prefixes, so that in_distribution is held out). Each bin has its own
+    generator, seeded by seed and the bin; a task lands in a bin when its deepest nesting and its longest
+    opener-closer distance reach the bin's lower ends (the walk is bounded by the upper ends). Deep bins walk
+    with a higher chance of opening, so that such depths are found at all.
+    """
+    exclude, out = set(exclude), {}
+    for k, (name, ((d_lo, d_hi), (s_lo, s_hi), max_len)) in enumerate(BINS.items()):
+        rng, found = random.Random(seed * 1000 + k), {}
+        p_open = 0.5 if d_hi <= MAX_DEPTH else 0.8
+        for _ in range(tries * n_per_bin):
+            prefix, completion = task(rng, d_hi, s_hi, max_len, p_open)
+            _, depth, span = measure(prefix + completion)
+            if d_lo <= depth and s_lo <= span and prefix not in exclude:
+                found.setdefault(prefix, completion)
+                if len(found) == n_per_bin:
+                    break
+        if len(found) < n_per_bin:
+            raise RuntimeError(f"bin {name}: found {len(found)} of {n_per_bin} tasks in {tries * n_per_bin} tries")
+        out[name] = list(found.items())
+    return out
