@@ -21,7 +21,7 @@ TRAIN_SEED = 1234  # dyck.txt is training_text(TRAIN_SEED)
 TRAIN_CHARS = 1_000_000  # about the size of tiny Shakespeare
 MAX_DEPTH = 8  # D_train: the deepest nesting in the training text
 MAX_SPAN = 24  # training: an opener and its closer are at most this many characters apart
-MAX_LEN = 48  # training: characters per line before the newline
+MAX_LEN = 48  # training: brackets per line (prefix + completion; the line adds its `=`)
 # evaluation bins: (depth range, span range, line length limit); every line fits a block of 64
 BINS = {
     "in_distribution": ((1, MAX_DEPTH), (1, MAX_SPAN), MAX_LEN),
