@@ -11,9 +11,15 @@ The completion is determined by the prefix (a stack check), so a model either cl
 `uv run train.py data.data_path=dyck.txt` trains on it like on tiny Shakespeare: data.py writes dyck.txt
 from `training_text()` when the file is missing. The evaluation sets (`eval_sets()`) are prefixes in bins:
 in distribution, depth just past the training depth, depth far past it, and long opener-closer distance.
+`score()` completes them greedily (thinking K steps with M starts, or reading the energy's exact argmin) and
+reports exact match and per-character accuracy with bootstrap intervals over tasks, and the compute spent.
 """
 
 import random
+
+import torch
+
+from ebm import observe, onehot_energies, system2_logits
 
 PAIRS = {"(": ")", "[": "]"}  # opener -> closer
 SEP = "="  # between the prefix and its completion
@@ -102,3 +108,59 @@ def eval_sets(seed, n_per_bin, exclude=(), tries=10_000):
             raise RuntimeError(f"bin {name}: found {len(found)} of {n_per_bin} tasks in {tries * n_per_bin} tries")
         out[name] = list(found.items())
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# scoring: complete each prefix greedily and check it against the stack's answer
+
+
+@torch.no_grad()
+def complete(model, vocab, prefixes, n, think_steps=0, samples=1, exact=False):
+    """
+    Greedy continuations (list of str, n characters each) of `"\n" + prefix + "="` for prefixes of one length
+    (batched). Each character is the argmax after think_steps steps with `samples` starts, or with exact=True
+    the argmin of the energy over every vocabulary character (the exact verifier). Every step reruns the
+    whole sequence (lines fit one block), so the cost per character is one pass plus the thinking.
+    """
+    idx = torch.tensor([vocab.encode("\n" + p + SEP) for p in prefixes], dtype=torch.long)
+    idx = idx.to(next(model.parameters()).device)
+    for _ in range(n):
+        h, e, caches = observe(model, idx[:, -model.config.block_size:])
+        if exact:
+            nxt = onehot_energies(model, h, e, caches)[:, -1].argmin(-1)  # (B,)
+        else:
+            nxt = system2_logits(model, h, e, think_steps, caches, samples)[-1][:, -1].argmax(-1)  # (B,)
+        idx = torch.cat([idx, nxt[:, None]], dim=1)
+    return [vocab.decode(row[-n:]) for row in idx.tolist()]
+
+
+def bootstrap_interval(values, resamples=1000, seed=0, level=0.95):
+    """The mean of values (n,) and its bootstrap percentile interval: tasks are resampled, not characters."""
+    g = torch.Generator().manual_seed(seed)
+    v = torch.as_tensor(values, dtype=torch.float64)
+    means = v[torch.randint(0, v.numel(), (resamples, v.numel()), generator=g)].mean(1)
+    lo, hi = torch.quantile(means, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)).tolist()
+    return {"mean": v.mean().item(), "lo": lo, "hi": hi}
+
+
+def score(model, vocab, tasks, think_steps=0, samples=1, exact=False):
+    """
+    Exact match (the whole completion and the newline after it) and per-character accuracy of greedy
+    completions of tasks [(prefix, completion), ...], each with a 95% bootstrap interval over tasks, and the
+    compute per task: transformer passes (one per character) and think steps (characters * K * M).
+    """
+    by_len, match, acc, chars = {}, [], [], 0
+    for prefix, completion in tasks:
+        by_len.setdefault(len(prefix), []).append((prefix, completion + "\n"))
+    for group in by_len.values():
+        n = max(len(target) for _, target in group)
+        outs = complete(model, vocab, [p for p, _ in group], n, think_steps, samples, exact)
+        for (_, target), out in zip(group, outs):
+            hits = [a == b for a, b in zip(out, target)]
+            match.append(float(all(hits)))
+            acc.append(sum(hits) / len(target))
+            chars += len(target)
+    per_task = chars / len(tasks)
+    return {"exact_match": bootstrap_interval(match), "char_accuracy": bootstrap_interval(acc), "tasks": len(tasks),
+            "passes_per_task": per_task, "think_steps_per_task": 0 if exact else per_task * think_steps * samples,
+            "onehot_candidates_per_task": per_task * len(vocab) if exact else 0}

@@ -80,3 +80,60 @@ def test_train_on_dyck_writes_the_data_and_trains(tmp_path):
     run_train(TINY + [f"data.data_path={path}", f"out_dir={tmp_path / 'out'}"])
     assert path.read_text() == dyck.training_text()
     assert (tmp_path / "out" / "final.pt").exists()
+
+
+@pytest.fixture(scope="module")
+def dyck_model(tmp_path_factory):
+    """A tiny linear-energy model trained a few steps on dyck text: (model, vocab)."""
+    root = tmp_path_factory.mktemp("dyck")
+    path = root / "dyck.txt"
+    path.write_text(dyck.training_text(5, 20_000))
+    run_train(TINY + ["train.max_steps=20", f"data.data_path={path}", f"out_dir={root / 'out'}"])
+    from trainer import load_model
+    model, vocab, _ = load_model(root / "out" / "final.pt", "cpu")
+    return model, vocab
+
+
+def test_complete_equals_cached_generation(dyck_model):
+    """complete (a full pass per character) picks the same characters as ebm.generate with its KV cache."""
+    import torch
+
+    from ebm import generate
+    model, vocab = dyck_model
+    prefixes = ["(([", "[]()", "[[(("]
+    for prefix in prefixes:
+        ours = dyck.complete(model, vocab, [prefix], 6, think_steps=2)[0]
+        idx = torch.tensor([vocab.encode("\n" + prefix + dyck.SEP)])
+        theirs = vocab.decode(generate(model, idx, 6, 2)[0, -6:].tolist())
+        assert ours == theirs, prefix
+
+
+def test_exact_verifier_of_linear_energy_is_greedy_system1(dyck_model):
+    """Linear energy: the argmin of e over the vocabulary is System 1's argmax, so exact decoding = K=0."""
+    model, vocab = dyck_model
+    tasks = dyck.eval_sets(2, 10)["in_distribution"]
+    assert dyck.score(model, vocab, tasks, exact=True)["exact_match"] == dyck.score(model, vocab, tasks)["exact_match"]
+    prefixes = [p for p, _ in tasks if len(p) == len(tasks[0][0])]
+    assert dyck.complete(model, vocab, prefixes, 5, exact=True) == dyck.complete(model, vocab, prefixes, 5)
+
+
+def test_score_counts_whole_completions_and_the_newline(dyck_model, monkeypatch):
+    """A completion counts only with its newline; accuracy is per character; the compute is per task."""
+    model, vocab = dyck_model
+    tasks = [("((", "))"), ("[", "]"), ("([", "])")]
+    answers = {"((": "))\n", "[": "]x", "([": "])\n"}  # the second misses its newline
+    monkeypatch.setattr(dyck, "complete", lambda m, v, prefixes, n, *a: [answers[p][:n].ljust(n, "x") for p in prefixes])
+    r = dyck.score(model, vocab, tasks, think_steps=2, samples=3)
+    assert r["exact_match"]["mean"] == pytest.approx(2 / 3) and r["tasks"] == 3
+    assert r["char_accuracy"]["mean"] == pytest.approx((1 + 0.5 + 1) / 3)
+    assert r["passes_per_task"] == pytest.approx(8 / 3) and r["think_steps_per_task"] == pytest.approx(8 / 3 * 6)
+    assert r["exact_match"]["lo"] <= 2 / 3 <= r["exact_match"]["hi"]
+
+
+def test_bootstrap_interval_is_over_tasks():
+    """Constant values give a point; the interval of 0/1 values narrows like 1 / sqrt(n)."""
+    assert dyck.bootstrap_interval([1.0] * 50) == {"mean": 1.0, "lo": 1.0, "hi": 1.0}
+    small = dyck.bootstrap_interval([0.0, 1.0] * 50)
+    big = dyck.bootstrap_interval([0.0, 1.0] * 800)
+    ratio = (small["hi"] - small["lo"]) / (big["hi"] - big["lo"])
+    assert 3 < ratio < 5  # sqrt(16) = 4
