@@ -134,6 +134,25 @@ def complete(model, vocab, prefixes, n, think_steps=0, samples=1, exact=False):
     return [vocab.decode(row[-n:]) for row in idx.tolist()]
 
 
+@torch.no_grad()
+def beam_complete(model, vocab, prefix, n, width, think_steps=0):
+    """
+    Beam search: the n-character continuation of `"\n" + prefix + "="` with the highest log-likelihood that
+    `width` beams find (width 1 = greedy), under the logits after think_steps steps. The usual way for a
+    plain transformer to spend more test-time compute: each character costs `width` passes.
+    """
+    idx = torch.tensor([vocab.encode("\n" + prefix + SEP)], device=next(model.parameters()).device)
+    logp = torch.zeros(1, dtype=torch.float64, device=idx.device)  # (beams,) log-likelihood so far
+    for _ in range(n):
+        h, e, caches = observe(model, idx[:, -model.config.block_size:])
+        z = system2_logits(model, h, e, think_steps, caches)[-1][:, -1]  # (beams, V)
+        total = (logp[:, None] + torch.log_softmax(z.double(), -1)).flatten()  # (beams * V,)
+        top = total.topk(min(width, total.numel()))
+        beam, char = top.indices // z.size(-1), top.indices % z.size(-1)
+        idx, logp = torch.cat([idx[beam], char[:, None]], dim=1), top.values
+    return vocab.decode(idx[0, -n:].tolist())  # topk sorts: beam 0 is the most likely
+
+
 def bootstrap_interval(values, resamples=1000, seed=0, level=0.95):
     """The mean of values (n,) and its bootstrap percentile interval: tasks are resampled, not characters."""
     g = torch.Generator().manual_seed(seed)
@@ -143,18 +162,22 @@ def bootstrap_interval(values, resamples=1000, seed=0, level=0.95):
     return {"mean": v.mean().item(), "lo": lo, "hi": hi}
 
 
-def score(model, vocab, tasks, think_steps=0, samples=1, exact=False):
+def score(model, vocab, tasks, think_steps=0, samples=1, exact=False, beam=1):
     """
-    Exact match (the whole completion and the newline after it) and per-character accuracy of greedy
-    completions of tasks [(prefix, completion), ...], each with a 95% bootstrap interval over tasks, and the
-    compute per task: transformer passes (one per character) and think steps (characters * K * M).
+    Exact match (the whole completion and the newline after it) and per-character accuracy of greedy (or,
+    with beam > 1, beam-searched) completions of tasks [(prefix, completion), ...], each with a 95% bootstrap
+    interval over tasks, and the compute per task: transformer passes (one per character and beam) and think
+    steps (characters * K * M * beams).
     """
     by_len, match, acc, chars = {}, [], [], 0
     for prefix, completion in tasks:
         by_len.setdefault(len(prefix), []).append((prefix, completion + "\n"))
     for group in by_len.values():
         n = max(len(target) for _, target in group)
-        outs = complete(model, vocab, [p for p, _ in group], n, think_steps, samples, exact)
+        if beam > 1:
+            outs = [beam_complete(model, vocab, p, len(target), beam, think_steps) for p, target in group]
+        else:
+            outs = complete(model, vocab, [p for p, _ in group], n, think_steps, samples, exact)
         for (_, target), out in zip(group, outs):
             hits = [a == b for a, b in zip(out, target)]
             match.append(float(all(hits)))
@@ -162,5 +185,5 @@ def score(model, vocab, tasks, think_steps=0, samples=1, exact=False):
             chars += len(target)
     per_task = chars / len(tasks)
     return {"exact_match": bootstrap_interval(match), "char_accuracy": bootstrap_interval(acc), "tasks": len(tasks),
-            "passes_per_task": per_task, "think_steps_per_task": 0 if exact else per_task * think_steps * samples,
+            "passes_per_task": per_task * beam, "think_steps_per_task": 0 if exact else per_task * think_steps * samples * beam,
             "onehot_candidates_per_task": per_task * len(vocab) if exact else 0}

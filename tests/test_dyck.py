@@ -137,3 +137,23 @@ def test_bootstrap_interval_is_over_tasks():
     big = dyck.bootstrap_interval([0.0, 1.0] * 800)
     ratio = (small["hi"] - small["lo"]) / (big["hi"] - big["lo"])
     assert 3 < ratio < 5  # sqrt(16) = 4
+
+
+def test_beam_search_of_width_one_is_greedy_and_wide_beams_find_the_most_likely(dyck_model):
+    """Width 1 is greedy; a beam as wide as all V^2 two-character continuations finds the most likely one."""
+    import itertools
+
+    import torch
+    model, vocab = dyck_model
+    V = len(vocab)
+    for prefix in ["(([", "[]("]:
+        assert dyck.beam_complete(model, vocab, prefix, 4, 1) == dyck.complete(model, vocab, [prefix], 4)[0]
+        best, best_lp = None, -float("inf")
+        for pair in itertools.product(vocab.chars, repeat=2):  # brute force: the likelihood of every pair
+            idx = torch.tensor([vocab.encode("\n" + prefix + dyck.SEP + "".join(pair))])
+            h, e, _ = dyck.observe(model, idx)
+            lp = torch.log_softmax(-e[0].double() / model.config.softmax_temperature, -1)
+            total = lp[-3, idx[0, -2]] + lp[-2, idx[0, -1]]
+            if total > best_lp:
+                best, best_lp = "".join(pair), total
+        assert dyck.beam_complete(model, vocab, prefix, 2, V * V) == best
