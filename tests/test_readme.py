@@ -23,14 +23,15 @@ DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
 def readme_commands():
     """The `uv run ...` lines of the bash blocks of README.md and docs/*.md, each split as a shell would,
-    comments dropped. Commands that compile (torch.compile takes tens of seconds on CPU) are marked slow."""
+    comments dropped. Commands that compile (torch.compile takes tens of seconds on CPU) and the study (a train.py
+    subprocess per arm and seed) are marked slow."""
     commands = []
     for doc in DOCS:
         for block in re.findall(r"```bash\n(.*?)```", doc.read_text(), flags=re.S):
             for line in block.splitlines():
                 words = shlex.split(line, comments=True)
                 if words[:2] == ["uv", "run"]:  # `--extra plots` stays: the test runs those through uv itself
-                    slow = any(w in ("train.compile=true", "compile=true") for w in words)
+                    slow = any(w in ("train.compile=true", "compile=true", "study.py") for w in words)
                     commands.append(pytest.param(words[2:], id=f"{doc.name}: {' '.join(words[2:])}",
                                                  marks=pytest.mark.slow if slow else ()))
     return commands
@@ -110,7 +111,15 @@ def test_gpu_preset_is_the_predecessors_model():
 
 def run_with_extra(words, tmp_path, tiny_checkpoint):
     """`uv run --extra NAME script args...` as a real process (uv installs the extra), tiny and redirected."""
-    assert words[:2] == ["--extra", "plots"] and words[2] == "viz.py", words
+    assert words[:2] == ["--extra", "plots"] and words[2] in ("viz.py", "study.py"), words
+    if words[2] == "study.py":  # every arm, two seeds, at a tiny size: the plot is written
+        proc = subprocess.run(["uv", "run", "--project", str(REPO), "--extra", "plots", str(REPO / "study.py"),
+                               *words[3:], f"out_dir={tmp_path}", "n_layer=1", "n_embd=16", "batch_size=4",
+                               "max_steps=2", "tasks=3", "deep_layers=2"], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert (tmp_path / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (tmp_path / "study.md").exists()
+        return None
     evals = tmp_path / "eval.json"
     evals.write_text(json.dumps(eval_mod.evaluate_checkpoint(compose_cfg("eval", [f"checkpoint={tiny_checkpoint}"]
                                                                           + TINY_EVAL))))
