@@ -93,8 +93,8 @@ def methods(cfg, model):
 
 
 def evaluate_arm(cfg, path, tasks, device):
-    """{"think_steps": the trained K, "methods": {label: {bin: dyck.score}}} for one trained arm; the noise
-    starts are seeded per method."""
+    """{"think_steps": the trained K, "train": train.py's last metrics (step, time_s, val_loss), "methods":
+    {label: {bin: dyck.score}}} for one trained arm; the noise starts are seeded per method."""
     model, vocab, _ = load_model(path, device)
     if set(vocab.chars) != set(dyck.PAIRS) | set(dyck.PAIRS.values()) | {dyck.SEP, "\n"}:
         raise UserError(f"{path} was not trained on dyck.txt: delete it so that study.py retrains it")
@@ -102,7 +102,9 @@ def evaluate_arm(cfg, path, tasks, device):
     for label, options in methods(cfg, model):
         torch.manual_seed(cfg.eval_seed)
         results[label] = {name: dyck.score(model, vocab, bin_tasks, **options) for name, bin_tasks in tasks.items()}
-    return {"think_steps": model.config.think_steps, "methods": results}
+    last = json.loads((Path(path).parent / "metrics.jsonl").read_text().splitlines()[-1])
+    return {"think_steps": model.config.think_steps, "train": {k: last[k] for k in ("step", "time_s", "val_loss")},
+            "methods": results}
 
 
 def markdown(cfg, results):

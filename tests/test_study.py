@@ -35,6 +35,7 @@ def test_every_arm_seed_method_and_bin_is_scored(tiny_study):
         assert list(by_seed) == [1]
         for r in by_seed.values():
             assert list(r["methods"]) == expected[arm], arm
+            assert r["train"]["step"] == 2 and r["train"]["time_s"] > 0  # train.py's last metrics line
             for by_bin in r["methods"].values():
                 assert list(by_bin) == list(dyck.BINS)
                 assert all(s["tasks"] == 3 and 0 <= s["exact_match"]["mean"] <= 1 for s in by_bin.values())
