@@ -20,6 +20,7 @@ import random
 import torch
 
 from ebm import observe, onehot_energies, system2_logits
+from util import bootstrap_means
 
 PAIRS = {"(": ")", "[": "]"}  # opener -> closer
 SEP = "="  # between the prefix and its completion
@@ -155,9 +156,8 @@ def beam_complete(model, vocab, prefix, n, width, think_steps=0):
 
 def bootstrap_interval(values, resamples=1000, seed=0, level=0.95):
     """The mean of values (n,) and its bootstrap percentile interval: tasks are resampled, not characters."""
-    g = torch.Generator().manual_seed(seed)
     v = torch.as_tensor(values, dtype=torch.float64)
-    means = v[torch.randint(0, v.numel(), (resamples, v.numel()), generator=g)].mean(1)
+    means = bootstrap_means(v, resamples, seed)
     lo, hi = torch.quantile(means, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)).tolist()
     return {"mean": v.mean().item(), "lo": lo, "hi": hi}
 

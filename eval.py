@@ -44,7 +44,7 @@ from torch.nn import functional as F
 from data import load_text, resolve_path, train_val_split
 from ebm import free_energy, make_energy, observe, onehot_energies, system2_logits, think, think_start
 from trainer import load_model
-from util import UserError, check_overrides, pick_device, run, sync
+from util import UserError, bootstrap_means, check_overrides, pick_device, run, sync
 
 
 @dataclass
@@ -79,10 +79,7 @@ def ce(z, y):
 def bootstrap_se(window_means, resamples=BOOTSTRAP, seed=0):
     """Standard error of the mean of window_means (n,): the std of the means of `resamples` draws of n
     windows with replacement. Seeded, so the same data always gives the same figure."""
-    g = torch.Generator().manual_seed(seed)
-    n = window_means.numel()
-    pick = torch.randint(0, n, (resamples, n), generator=g)
-    return window_means.double()[pick].mean(1).std().item()
+    return bootstrap_means(window_means, resamples, seed).std().item()
 
 
 def summary(losses, base=None):

@@ -204,3 +204,11 @@ class Processes:
     def close(self):
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def bootstrap_means(values, resamples=1000, seed=0):
+    """The means (resamples,) of `resamples` draws of len(values) values with replacement, in float64; seeded,
+    so the same data always gives the same figures (eval.py's standard errors, dyck.py's intervals)."""
+    g = torch.Generator().manual_seed(seed)
+    v = torch.as_tensor(values, dtype=torch.float64)
+    return v[torch.randint(0, v.numel(), (resamples, v.numel()), generator=g)].mean(1)
