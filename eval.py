@@ -255,8 +255,9 @@ class Runner:
                 tuned[k] = self.losses(run.zk / rows[-1]["temperature"])
         trained = self.model.config.think_steps
         ref = trained if trained in tuned else steps_list[0]
-        for row in rows if tuned else []:
-            row["at_temperature"] = {"vs_think_steps": ref, **summary(tuned[row["think_steps"]], tuned[ref])}
+        if tuned:
+            for row in rows:
+                row["at_temperature"] = {"vs_think_steps": ref, **summary(tuned[row["think_steps"]], tuned[ref])}
         return rows
 
     def adaptive(self, max_steps, eps):

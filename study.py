@@ -153,7 +153,7 @@ def plot(results, path):
         hi = [max(r[b]["exact_match"]["hi"] for r in rows) for b in DEPTH_BINS]
         ax.plot(x, mean, marker="o", label=label)
         ax.fill_between(x, lo, hi, alpha=0.2)
-    ax.set_xticks(list(x), ["depth 1-8\n(in distribution)", "depth 9-10", "depth 13-16"])
+    ax.set_xticks(list(x), [f"depth {dyck.BINS[b][0][0]}-{dyck.BINS[b][0][1]}\n{b}" for b in DEPTH_BINS])
     ax.set_ylabel("exact match")
     ax.set_ylim(0, 1)
     ax.set_title("closing brackets past the training depth")
