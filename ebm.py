@@ -160,13 +160,31 @@ def ebt_step(z, energy, k, lr, noise):
     return p - lr * dE_dp  # z_{k+1} = p_k - alpha * dE/dp(p_k)
 
 
+def natural_step(z, energy, k, lr, tau, noise):
+    """
+    One natural-gradient step on F (the contrastive chains' rule): z - lr * (s - mean(s)), s = dE/dp + tau log p.
+    dF/dz = p * (s - <p, s>) carries a factor p that freezes unlikely tokens (a token at p = 1e-3 moves a
+    thousandth as fast); dividing by the softmax's Fisher metric removes it. For a linear energy
+    z_{k+1} = (1 - lr tau) z_k - lr e + const: with lr tau = 1 one step lands on softmax(-e / tau).
+    """
+    logp = F.log_softmax(z, dim=-1)
+    _, e = energy(logp.exp(), k)
+    s = e + tau * logp
+    z = z - lr * (s - s.mean(-1, keepdim=True))  # centred: a shift of every logit leaves p unchanged
+    if noise > 0:
+        z = z + (2 * lr) ** 0.5 * noise * torch.randn_like(z)
+    return z
+
+
 def think(z, energy, steps, lr, tau, max_move=math.inf, noise=0.0, truncate=False, rule="free_energy",
           clip="hard", detach=False, first=0):
     """
-    Think from logits z (..., V) for `steps` steps; return the list [z_0, z_1, ..., z_K]. Two rules:
+    Think from logits z (..., V) for `steps` steps; return the list [z_0, z_1, ..., z_K]. Three rules:
 
       free_energy:  z_{k+1} = z_k - clip(lr * dF/dz(z_k), -max_move, max_move) + sqrt(2 lr) * noise * N(0, 1)
       ebt:          z_{k+1} = p_k - lr * dE/dp(p_k),  p_k = softmax(z_k + noise * N(0, 1))
+      natural:      z_{k+1} = z_k - lr * (s - mean(s)) + sqrt(2 lr) * noise * N(0, 1),  s = dE/dp + tau log p_k
+                    (the contrastive chains: natural_step)
 
     energy(p, k) gives (E, dE/dp) at candidate p in step k; dF/dz is free_energy_grad with e = dE/dp, exact
     for any E. A linear head's e does not depend on p, so the free-energy rule's fixed point is the Boltzmann
@@ -184,6 +202,8 @@ def think(z, energy, steps, lr, tau, max_move=math.inf, noise=0.0, truncate=Fals
                 z = z.detach()
             if rule == "ebt":
                 z = ebt_step(z, energy, first + k, lr, noise)
+            elif rule == "natural":
+                z = natural_step(z, energy, first + k, lr, tau, noise)
             else:
                 z = free_energy_step(z, energy, first + k, lr, tau, max_move, clip, noise)
         zs.append(z)
@@ -270,20 +290,28 @@ def topk_energy(energy, ix, V):
 # training state that persists across steps
 
 
+def replay_windows(cfg):
+    """Windows in the replay buffer: model.replay_size, or model.n_persistent when only PCD's chains use it."""
+    if cfg.replay_size > 0:
+        return cfg.replay_size
+    return cfg.n_persistent if cfg.use_contrastive and cfg.contrastive_type != "cd" else 0
+
+
 class ChainState(nn.Module):
     """
-    Training state that persists across steps (saved in ckpt.pt): the PCD chains, the fast-PCD fast weights,
-    and the replay buffer of windows with their last thinking output (EBT's replay buffer).
+    Training state that persists across steps (saved in ckpt.pt): a replay buffer of windows that keeps, per
+    window and position, the last thinking output (EBT's replay: warm starts) and the last state of the
+    contrastive chain (PCD: a chain belongs to its context), and the fast-PCD fast weights.
     """
 
     def __init__(self, cfg):
         super().__init__()
-        self.register_buffer("chains", torch.randn(cfg.n_persistent, cfg.vocab_size))  # (N, V) logits
         self.register_buffer("fast_weight", torch.zeros(cfg.vocab_size, cfg.n_embd))  # (V, d), added to W_E
-        R, T = cfg.replay_size, cfg.block_size
+        R, T, V = replay_windows(cfg), cfg.block_size, cfg.vocab_size
         self.register_buffer("replay_x", torch.zeros(R, T, dtype=torch.long))  # (R, T) windows
         self.register_buffer("replay_y", torch.zeros(R, T, dtype=torch.long))  # (R, T) their next tokens
-        self.register_buffer("replay_z", torch.zeros(R, T, cfg.vocab_size))  # (R, T, V) last thinking output
+        self.register_buffer("replay_z", torch.zeros(R, T, V))  # (R, T, V) last thinking output
+        self.register_buffer("replay_chain", torch.zeros(R, T, V))  # (R, T, V) last PCD chain logits
         self.replay_count = 0  # windows stored so far (a Python int: reading it costs no device sync)
 
     def get_extra_state(self):
@@ -293,25 +321,34 @@ class ChainState(nn.Module):
         self.replay_count = state["replay_count"]
 
     def replay_draw(self, idx, targets, frac):
-        """Put stored windows in the first rows of the batch; returns idx, targets, their z starts, slots."""
-        n = min(int(frac * idx.size(0)), self.replay_count)
+        """Put stored windows in the first rows of the batch; returns idx, targets and their slots (None: no
+        window stored yet). The slots are distinct (drawn without replacement), so each is written once."""
+        R = self.replay_x.size(0)
+        n = min(int(frac * idx.size(0)), self.replay_count, R)
         if n == 0:
-            return idx, targets, None, None
-        slots = torch.randint(min(self.replay_count, self.replay_x.size(0)), (n,), device=idx.device)
+            return idx, targets, None
+        slots = torch.randperm(min(self.replay_count, R), device=idx.device)[:n]
         idx = torch.cat([self.replay_x[slots], idx[n:]])
         targets = torch.cat([self.replay_y[slots], targets[n:]])
-        return idx, targets, self.replay_z[slots], slots
+        return idx, targets, slots
 
     @torch.no_grad()
-    def replay_store(self, idx, targets, z, slots):
-        """Replayed windows keep their new thinking output; the fresh ones enter the ring buffer."""
-        n = 0 if slots is None else slots.numel()
-        if n:
-            self.replay_z[slots] = z[:n].to(self.replay_z.dtype)
-        R, fresh = self.replay_x.size(0), idx.size(0) - n
-        ring = (self.replay_count + torch.arange(fresh, device=idx.device)) % R
-        self.replay_x[ring], self.replay_y[ring] = idx[n:], targets[n:]
-        self.replay_z[ring] = z[n:].to(self.replay_z.dtype)
+    def replay_store(self, idx, targets, slots, z=None, chain=None):
+        """Replayed windows keep their new thinking output z and chain (B, T, V) each, when given; the fresh
+        windows enter the ring buffer (the last R of them when a batch has more)."""
+        n, R = (0 if slots is None else slots.numel()), self.replay_x.size(0)
+        rows = [(self.replay_z, z), (self.replay_chain, chain)]
+        for buf, new in rows:
+            if n and new is not None:
+                buf[slots] = new[:n].to(buf.dtype)
+        fresh = idx.size(0) - n
+        keep = min(fresh, R)
+        ring = (self.replay_count + fresh - keep + torch.arange(keep, device=idx.device)) % R  # distinct slots
+        new_rows = slice(idx.size(0) - keep, None)
+        self.replay_x[ring], self.replay_y[ring] = idx[new_rows], targets[new_rows]
+        for buf, new in rows:
+            if new is not None:
+                buf[ring] = new[new_rows].to(buf.dtype)
         self.replay_count += fresh
 
 
@@ -322,59 +359,71 @@ class ChainState(nn.Module):
 DATA_SMOOTHING = 0.1  # CD chains start at the data: p_0 = 0.9 * onehot(y) + 0.1 / V (one-hot has no gradient)
 
 
-def write_chains(chains, slot, z):
-    """
-    chains[slot] = z for the PCD buffer chains (N, V), drawn slots slot (...) and new chain states z (..., V).
-    Rule: when several positions drew the same slot, the last of them in flattened (row-major) order wins.
-    A plain `chains[slot] = z` leaves the winner to the device (on CUDA it changes from run to run); here it
-    is computed: a stable sort groups each slot's positions in order, searchsorted finds each group's end.
-    Fixed shapes, no scatter and no host sync.
-    """
-    slot, z = slot.flatten(), z.reshape(-1, z.size(-1))
-    sorted_slot, order = torch.sort(slot, stable=True)
-    ks = torch.arange(chains.size(0), device=slot.device)
-    end = (torch.searchsorted(sorted_slot, ks, right=True) - 1).clamp(min=0)  # slot k's last entry, if drawn
-    drawn = sorted_slot[end] == ks
-    chains.copy_(torch.where(drawn.unsqueeze(-1), z[order[end]].to(chains.dtype), chains))
+def candidate_energies(model, h, e, p, caches=None):
+    """E(x, p) (..., B, T) of candidates p (..., B, T, V) under the model's energy, with gradient to its
+    parameters (and no dE/dp): the positive and negative phases. The transformer energy reads candidate slots."""
+    if model.config.energy == "transformer":
+        return model.candidate_energy(model.candidate_embedding(p), caches)
+    return make_energy(model, h, e)(p)[0]
 
 
-def contrastive_loss(cfg, h, e, targets, state=None):
-    """
-    Per-position L_cd = (E_pos - E_neg) + reg * (E_pos^2 + E_neg^2), shape (B, T).
+def chain_temperature(cfg):
+    """The chains' tau: model.langevin_temperature, or the model's softmax temperature T, at which their fixed
+    point is softmax(-E / T), the distribution System 1 predicts (for a linear head, exactly)."""
+    return cfg.softmax_temperature if cfg.langevin_temperature is None else cfg.langevin_temperature
 
-    E_pos = e_t[y_{t+1}], the energy of the true next token, with gradient (this is what pulls it down).
-    E_neg = <stopgrad(q), e_t>, q a candidate from k Langevin steps on F under the sampling energy.
-    With exact negatives q = softmax(-e/T) and T = 1 the gradient of mean(E_pos - E_neg) is exactly that
-    of cross-entropy; with tau = T the chains' fixed point is that distribution, so CD-k approaches it.
+
+@torch.no_grad()
+def sample_chains(model, h, e, targets, caches=None, stored=None, fast_weight=None, steps=None, step_size=None,
+                  start="data"):
     """
-    B, T, V = e.shape
+    The chains' logits [z_0, ..., z_k] (B, T, V) each: k = model.contrastive_k natural-gradient steps on F
+    (step langevin_step_size, noise langevin_noise_scale, tau chain_temperature) under the model's energy,
+    from the data (start="data", cd) or from noise (pcd, fast_pcd) except for the first rows, which resume
+    their stored chains (stored (n, T, V); each position restarts from noise with probability
+    pcd_reinit_prob). fast_weight (V, d) (fast_pcd) is added to W_E while sampling, and only here.
+    """
+    cfg, V = model.config, e.size(-1)
+    if fast_weight is not None:
+        e = e + h @ fast_weight.t().to(h.dtype)
+    if start == "data":
+        z = ((1 - DATA_SMOOTHING) * F.one_hot(targets, V).to(e.dtype) + DATA_SMOOTHING / V).log()
+    else:
+        z = torch.randn_like(e)
+        if stored is not None:
+            n = stored.size(0)
+            keep = torch.rand(n, stored.size(1), 1, device=e.device) >= cfg.pcd_reinit_prob
+            z = torch.cat([torch.where(keep, stored.to(e.dtype), z[:n]), z[n:]])
+    energy = make_energy(model, h, e, caches)
+    return think(z, energy, cfg.contrastive_k if steps is None else steps,
+                 cfg.langevin_step_size if step_size is None else step_size, chain_temperature(cfg),
+                 noise=cfg.langevin_noise_scale, rule="natural")
+
+
+def contrastive_loss(model, h, e, targets, caches=None, state=None, stored=None):
+    """
+    Per-position L_cd = (E_pos - E_neg) + reg * (E_pos^2 + E_neg^2) (B, T); also the gap E_neg - E_pos (B, T,
+    detached) and the chains' last logits (B, T, V), which PCD keeps.
+
+    E_pos = E(x_1..x_t, onehot(y_{t+1})), the energy of the true next token, with gradient (it is pulled down).
+    E_neg = E(x_1..x_t, stopgrad(q)), q = softmax of the chain's last logits (it is pushed up). Both under the
+    energy thinking uses. With exact negatives q = softmax(-e/T), T = 1, and a linear head the gradient of
+    mean(E_pos - E_neg) is exactly that of cross-entropy; the chains' fixed point is that q.
+    """
+    cfg, V = model.config, e.size(-1)
     kind = cfg.contrastive_type
-    with torch.no_grad():
-        e_sample = e.detach()
-        if kind == "fast_pcd":  # fast weights are added to W_E only while sampling
-            e_sample = e_sample + h.detach() @ state.fast_weight.t().to(h.dtype)
-        if kind == "cd":  # chains start at the data
-            p0 = (1 - DATA_SMOOTHING) * F.one_hot(targets, V).to(e.dtype) + DATA_SMOOTHING / V
-            z = p0.log()
-        else:  # chains continue from the replay buffer, a few restart from noise
-            slot = torch.randint(cfg.n_persistent, (B, T), device=e.device)
-            z = state.chains[slot].to(e.dtype)  # (B, T, V)
-            restart = torch.rand(B, T, 1, device=e.device) < cfg.pcd_reinit_prob
-            z = torch.where(restart, torch.randn_like(z), z)
-        z = think(z, linear_energy(e_sample), cfg.contrastive_k, cfg.langevin_step_size,
-                  cfg.entropy_weight, noise=cfg.langevin_noise_scale)[-1]
-        q = F.softmax(z, dim=-1)
-        if kind != "cd":
-            write_chains(state.chains, slot, z)
-    e_pos = e.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, T)
-    e_neg = (q * e).sum(-1)  # (B, T)
+    fast = state.fast_weight if kind == "fast_pcd" else None
+    z = sample_chains(model, h, e, targets, caches, stored, fast, start="data" if kind == "cd" else "noise")[-1]
+    q = F.softmax(z, dim=-1)
+    e_pos, e_neg = candidate_energies(model, h, e, torch.stack([F.one_hot(targets, V).to(q.dtype), q]), caches)
     if kind == "fast_pcd":
         with torch.no_grad():  # fast weights descend the same loss with a large step, then decay
-            reg = cfg.contrastive_reg  # dL/de of (E_pos - E_neg) + reg * (E_pos^2 + E_neg^2):
+            reg = cfg.contrastive_reg  # dL/de of (E_pos - E_neg) + reg * (E_pos^2 + E_neg^2), E linear in e:
             dl_de = F.one_hot(targets, V) * (1 + 2 * reg * e_pos.unsqueeze(-1)) - q * (1 - 2 * reg * e_neg.unsqueeze(-1))
-            grad = dl_de.reshape(-1, V).t() @ h.detach().reshape(-1, h.size(-1)) / (B * T)  # (V, d)
+            grad = dl_de.reshape(-1, V).t() @ h.detach().reshape(-1, h.size(-1)) / targets.numel()  # (V, d)
             state.fast_weight.mul_(cfg.fast_weight_decay).sub_(cfg.fast_weight_lr * grad.to(state.fast_weight.dtype))
-    return (e_pos - e_neg) + cfg.contrastive_reg * (e_pos**2 + e_neg**2)
+    loss = (e_pos - e_neg) + cfg.contrastive_reg * (e_pos**2 + e_neg**2)
+    return loss, (e_neg - e_pos).detach(), z
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -394,21 +443,22 @@ def observe(model, idx):
 def losses(model, idx, targets, state=None, think_steps=None):
     """
     Per-position loss terms (each (B, T)) for tokens idx and next tokens targets:
-    ce (the prediction: after thinking), ce_s1 (System 1), and cd when contrastive training is on.
+    ce (the prediction: after thinking), ce_s1 (System 1), and while training with contrastive divergence cd
+    and cd_gap (E_neg - E_pos, detached: logged, not trained).
     """
     cfg = model.config
     K = cfg.think_steps if think_steps is None else think_steps
     if model.training and cfg.think_steps_random and K > cfg.think_steps_min:
         K = int(torch.randint(cfg.think_steps_min, K + 1, ()))
-    replay = model.training and cfg.replay_size > 0 and K > 0
-    z_start = slots = None
-    if replay:  # some rows are windows seen before: their thinking resumes where it stopped
-        idx, targets, z_start, slots = state.replay_draw(idx, targets, cfg.replay_frac)
+    warm = model.training and cfg.replay_size > 0 and K > 0  # EBT's replay: thinking resumes where it stopped
+    pcd = model.training and cfg.use_contrastive and cfg.contrastive_type != "cd"  # chains resume
+    slots = None
+    if warm or pcd:  # some rows are windows seen before
+        idx, targets, slots = state.replay_draw(idx, targets, cfg.replay_frac)
     h, e, caches = observe(model, idx)  # the only pass over the observed tokens
     samples = 1 if model.training else cfg.think_samples
+    z_start = state.replay_z[slots] if warm and slots is not None else None
     zs = system2_logits(model, h, e, K, caches, samples, training=model.training, z_start=z_start)
-    if replay:
-        state.replay_store(idx, targets, zs[-1].detach(), slots)
 
     def ce(z):
         return F.cross_entropy(z.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
@@ -416,8 +466,12 @@ def losses(model, idx, targets, state=None, think_steps=None):
     out = {"ce": ce(zs[-1]), "ce_s1": ce(zs[0])}
     if cfg.ce_all_steps and model.training and K > 1:  # train every step's prediction, as EBT
         out["ce_steps"] = torch.stack([ce(z) for z in zs[1:]]).mean(0)
+    chain = None
     if cfg.use_contrastive and model.training:
-        out["cd"] = contrastive_loss(cfg, h, e, targets, state)
+        stored = state.replay_chain[slots] if pcd and slots is not None else None
+        out["cd"], out["cd_gap"], chain = contrastive_loss(model, h, e, targets, caches, state, stored)
+    if warm or pcd:
+        state.replay_store(idx, targets, slots, z=zs[-1].detach() if warm else None, chain=chain if pcd else None)
     return out
 
 

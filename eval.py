@@ -19,6 +19,10 @@ figure below). Parts, each a top-level key of eval.json (written next to the che
   adaptive             stop a token's thinking once its free energy changes by less than epsilon
   ood                  the sweep on text unlike the training data: the README, and val with `corrupt` of
                        its input characters substituted (the targets stay the clean text's next characters)
+  chains               the contrastive chains (ebm.sample_chains) after k steps for k in `chain_steps`: mean
+                       KL(q_k || softmax(-E(x, v) / T)), how far each kind's negatives are from the model's
+                       own distribution (cd starts at the data, pcd and fast_pcd at noise; fast_pcd with the
+                       fast weights of a ckpt.pt, when given one)
 
 Standard errors (`se` of a mean loss, `delta_se` of a paired difference) come from a bootstrap over windows:
 neighbouring characters' losses are correlated, so the per-character std / sqrt(N) would understate them.
@@ -42,9 +46,10 @@ from hydra.core.config_store import ConfigStore
 from torch.nn import functional as F
 
 from data import load_text, resolve_path, train_val_split
-from ebm import free_energy, make_energy, observe, onehot_energies, system2_logits, think, think_start
+from ebm import (chain_temperature, free_energy, make_energy, observe, onehot_energies, sample_chains, system2_logits,
+                 think, think_start)
 from trainer import load_model
-from util import UserError, bootstrap_means, check_overrides, pick_device, run, sync
+from util import UserError, bootstrap_means, check_overrides, load_checkpoint, pick_device, run, sync
 
 
 @dataclass
@@ -56,6 +61,8 @@ class EvalConfig:
     epsilons: List[float] = field(default_factory=lambda: [0.1, 0.03, 0.01, 0.003])
     ood_text: str = "README.md"  # relative paths: the working directory, else the repo root
     corrupt: float = 0.05  # fraction of val characters substituted at random for the corrupted copy
+    chain_steps: List[int] = field(default_factory=lambda: [0, 1, 2, 4, 8, 16])  # the chains part's k ([] = skip)
+    chain_step_size: Optional[float] = None  # the chains' step (default: the model's langevin_step_size)
     max_tokens: int = 0  # score at most this many val tokens (0 = the whole val split)
     batch_size: int = 64  # windows per forward pass
     seed: int = 1337  # self-verification's random starts and the corruption
@@ -238,6 +245,22 @@ class Runner:
             out.append(onehot_energies(self.model, h, e, caches).flatten(0, 1).float().cpu())
         return torch.cat(out)
 
+    def chain_kl(self, steps_list, start, fast_weight=None, step_size=None):
+        """KL(q_k || softmax(-E(x, v) / T)) (n_windows, T) of the contrastive chains after each k in steps_list
+        (chains from `start`: data or noise), T the model's softmax temperature: {k: KL}."""
+        kls = {k: [] for k in steps_list}
+        torch.manual_seed(self.seed)
+        for i, x in enumerate(self.batches()):
+            h, e, caches = observe(self.model, x)
+            y = self.y[i * self.bs : i * self.bs + x.size(0)].to(self.device)
+            target = F.log_softmax(-onehot_energies(self.model, h, e, caches) / self.model.config.softmax_temperature, -1)
+            zs = sample_chains(self.model, h, e, y, caches, fast_weight=fast_weight, steps=max(steps_list),
+                               step_size=step_size, start=start)
+            for k in steps_list:
+                logq = F.log_softmax(zs[k], -1)
+                kls[k].append((logq.exp() * (logq - target)).sum(-1).double().cpu())
+        return {k: torch.cat(v) for k, v in kls.items()}
+
     def sweep(self, steps_list, tuner=None):
         """Loss of the prediction after K think steps for each K, paired against K = 0. With a tuner (the tune
         slice), also at each K's own best temperature, paired against the model's trained K (else the first K)
@@ -378,6 +401,24 @@ def adaptive_part(report, max_steps, epsilons, s1):
     return rows
 
 
+def chains_part(cfg, report):
+    """Mean KL of the contrastive chains to the model's own distribution after each k of chain_steps, for each
+    kind of start, with bootstrap standard errors over windows."""
+    m = report.model.config
+    fast = load_checkpoint(cfg.checkpoint).get("chains", [{}])[0].get("fast_weight")  # ckpt.pt of a fast_pcd run
+    kinds = {"cd": ("data", None), "pcd": ("noise", None)}
+    if fast is not None and fast.abs().max() > 0:
+        kinds["fast_pcd"] = ("noise", fast.to(report.device))
+    part = {"step_size": m.langevin_step_size if cfg.chain_step_size is None else cfg.chain_step_size,
+            "temperature": chain_temperature(m), "noise": m.langevin_noise_scale, "rows": []}
+    by_kind = {kind: report.chain_kl(cfg.chain_steps, start, fast, part["step_size"])
+               for kind, (start, fast) in kinds.items()}
+    for k in cfg.chain_steps:
+        part["rows"].append({"steps": k, **{kind: {"kl": kl[k].mean().item(), "se": bootstrap_se(kl[k].mean(1))}
+                                            for kind, kl in by_kind.items()}})
+    return part
+
+
 def ood_part(cfg, report, val_sweep, ood_path, vocab):
     """The think sweep on val, on ood_text and on corrupted val, with the gain of each one's best K."""
     model, bs, device = report.model, report.model.config.block_size, report.device
@@ -407,6 +448,8 @@ def evaluate_checkpoint(cfg: EvalConfig):
         raise UserError("sweep needs think_steps >= 0 and samples >= 1, e.g. sweep=[0,1,2,4] samples=[1,2]")
     if min(cfg.epsilons, default=1) <= 0 or not 0 <= cfg.corrupt < 1 or cfg.batch_size < 1 or cfg.max_tokens < 0:
         raise UserError("epsilons must be > 0, corrupt in [0, 1), batch_size >= 1 and max_tokens >= 0")
+    if min(cfg.chain_steps, default=0) < 0 or (cfg.chain_step_size is not None and cfg.chain_step_size < 0):
+        raise UserError("chain_steps need k >= 0 and chain_step_size >= 0, e.g. 'chain_steps=[0,1,4]'")
     ood_path = resolve_path(cfg.ood_text)
     if not ood_path.is_file():
         raise UserError(f"ood_text={cfg.ood_text} not found: pass a text file, e.g. ood_text=README.md")
@@ -436,6 +479,8 @@ def evaluate_checkpoint(cfg: EvalConfig):
     result["uncertainty"] = uncertainty_part(report, thought, s2, K, min_energy)
     result["adaptive"] = adaptive_part(report, max(cfg.sweep), cfg.epsilons, s1)
     result["ood"] = ood_part(cfg, report, result["think_sweep"], ood_path, vocab)
+    if cfg.chain_steps:
+        result["chains"] = chains_part(cfg, report)
     return result
 
 
@@ -472,7 +517,7 @@ def markdown(r):
             f"| thinking | 1 | {num(t['s2']['loss'])} | {delta(t['s2'])} |",
             f"| thinking | {t['s2_temperature']:.3f} | {num(t['s2_at_temperature']['loss'])} | "
             f"{delta(t['s2_at_temperature'])} vs System 1 at its temperature |"]
-    return "\n".join(out + verification_markdown(r) + uncertainty_markdown(r) + ood_markdown(r))
+    return "\n".join(out + verification_markdown(r) + uncertainty_markdown(r) + ood_markdown(r) + chains_markdown(r))
 
 
 def verification_markdown(r):
@@ -524,6 +569,20 @@ def ood_markdown(r):
     out.append("| tokens | " + " | ".join(str(o[n]["tokens"]) for n in names) + " |")
     out.append("| gain of the best K | " + " | ".join(f"{o[n]['gain']:+.4f} (K={o[n]['best_think_steps']})"
                                                       for n in names) + " |")
+    return out
+
+
+def chains_markdown(r):
+    """KL of the contrastive chains to the model, by step and kind."""
+    if "chains" not in r:
+        return []
+    c = r["chains"]
+    kinds = [k for k in ("cd", "pcd", "fast_pcd") if k in c["rows"][0]]
+    out = ["", f"## contrastive chains: KL(chains after k steps || softmax(-E / T)) (step {c['step_size']:g}, "
+           f"tau {c['temperature']:g}, noise {c['noise']:g}; cd from the data, pcd from noise)",
+           "| k | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 1) + "|"]
+    for row in c["rows"]:
+        out.append(f"| {row['steps']} | " + " | ".join(f"{row[k]['kl']:.4f} ± {row[k]['se']:.4f}" for k in kinds) + " |")
     return out
 
 

@@ -56,12 +56,15 @@ class ModelConfig:
     use_contrastive: bool = False
     contrastive_type: str = "cd"  # cd | pcd | fast_pcd
     contrastive_weight: float = 0.1
-    contrastive_k: int = 1  # Langevin steps per chain per training step
+    contrastive_k: int = 4  # steps of each chain per training step (ebm.sample_chains)
     contrastive_reg: float = 0.01  # weight of the energy-magnitude penalty E_pos^2 + E_neg^2
-    langevin_step_size: float = 0.01
+    # the chains' natural-gradient step: with a linear head the chains' logits close (1 - step * tau)^k of their
+    # distance to -e / tau, so 4 steps of 0.5 leave 1/16 (eval.py's chains part: KL ~0.01 nats)
+    langevin_step_size: float = 0.5
     langevin_noise_scale: float = 0.005
-    n_persistent: int = 100  # PCD replay buffer size (candidates)
-    pcd_reinit_prob: float = 0.05  # chance that a PCD chain restarts from noise
+    langevin_temperature: Optional[float] = None  # the chains' tau; None = softmax_temperature (the model's own distribution)
+    n_persistent: int = 100  # PCD: windows whose chains persist (the replay buffer's size when replay_size = 0)
+    pcd_reinit_prob: float = 0.05  # chance that a PCD chain (per position) restarts from noise
     fast_weight_lr: float = 0.05  # fast PCD: step of the fast weights
     fast_weight_decay: float = 0.95  # fast PCD: fast weights are multiplied by this every step
 

@@ -245,7 +245,7 @@ def train_processes(cfg: RunConfig, procs: Processes):
               f"{t.dtype}, think_steps {cfg.model.think_steps}, out_dir {cfg.out_dir}")
     log, stop = Log(cfg, procs.master, step), StopRequest()
     t_start, t_log = time.time() - elapsed, time.time()  # the run's clock continues across resumes
-    loss_sum, n_sum = torch.zeros((), device=device), 0
+    sums, n_sum = {}, 0  # tensors summed over the steps since the last eval: train_loss (energy_gap)
     try:
         # training loop
         while step < t.max_steps:
@@ -257,12 +257,13 @@ def train_processes(cfg: RunConfig, procs: Processes):
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_mult", 1.0)
             x, y = data.batch("train", rows, batch_gen, device, procs.rank, procs.world)
-            loss_sum += train_step(fwd, optimizer, x, y, state, cfg, scaler=scaler)  # a tensor: no sync
+            for name, value in train_step(fwd, optimizer, x, y, state, cfg, scaler=scaler).items():
+                sums[name] = sums.get(name, 0.0) + value  # tensors: no sync
             step, n_sum = step + 1, n_sum + 1
             last = step == t.max_steps
 
             if step % t.log_interval == 0 or last:  # the only sync between evals; a NaN on any process stops all
-                train_loss = procs.mean(loss_sum).item() / n_sum
+                train_loss = procs.mean(sums["train_loss"]).item() / n_sum
                 check_finite(train_loss, "training loss", f"before step {step}", cfg.out_dir)
                 log.progress(step, train_loss, lr, t.log_interval * rows * cfg.data.block_size / (time.time() - t_log))
                 t_log = time.time()
@@ -270,11 +271,10 @@ def train_processes(cfg: RunConfig, procs: Processes):
             if step % t.eval_interval == 0 or last:
                 val, val_s1 = evaluate(model, data, cfg, device, procs)
                 check_finite(val, "val loss", f"at step {step}", cfg.out_dir)
-                train_loss = procs.mean(loss_sum).item() / n_sum
-                log.eval({"step": step, "val_loss": val, "val_loss_s1": val_s1, "train_loss": train_loss,
+                means = {name: procs.mean(total).item() / n_sum for name, total in sums.items()}
+                log.eval({"step": step, "val_loss": val, "val_loss_s1": val_s1, **means,
                           "lr": lr, "time_s": round(time.time() - t_start, 2)})
-                loss_sum.zero_()
-                n_sum = 0
+                sums, n_sum = {}, 0
                 if val < best_val:  # val is the same on every process: they agree
                     best_val = val
                     ckpts.save("best.pt", step, best_val, time.time() - t_start)

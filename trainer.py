@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import DataConfig, Dataset, Vocab, load_text
-from ebm import ChainState, losses, total_loss
+from ebm import ChainState, losses, replay_windows, total_loss
 from model import GPT, ModelConfig
 from util import UserError, load_checkpoint, pick_device
 
@@ -88,6 +88,11 @@ def check_config(cfg: RunConfig):
         problems.append(f"model.dropout={m.dropout} must be in [0, 1)")
     if m.entropy_weight < 0 or m.think_noise < 0 or m.langevin_step_size < 0 or m.langevin_noise_scale < 0:
         problems.append("model.entropy_weight, think_noise, langevin_step_size, langevin_noise_scale must be >= 0")
+    if m.langevin_temperature is not None and m.langevin_temperature < 0:
+        problems.append(f"model.langevin_temperature={m.langevin_temperature} must be >= 0 (or null: the model's T)")
+    if m.use_contrastive and m.contrastive_type == "fast_pcd" and m.energy == "transformer":
+        problems.append("model.contrastive_type=fast_pcd adds fast weights to the linear head W_E, which the "
+                        "transformer energy does not use: use pcd, or energy linear or mixture")
     if not 0 <= m.energy_layers <= m.n_layer:
         problems.append(f"model.energy_layers={m.energy_layers} must be in 0..model.n_layer (0 = all blocks)")
     if m.replay_size < 0 or not 0 <= m.replay_frac <= 1:
@@ -122,11 +127,12 @@ def inert_options(cfg: RunConfig):
                 "think_lr_learnable", "replay_size", "replay_frac", "think_rule", "think_start", "think_detach",
                 "think_lr_spread", "think_step_embed")
     contrastive = ("contrastive_type", "contrastive_weight", "contrastive_k", "contrastive_reg", "langevin_step_size",
-                   "langevin_noise_scale", "n_persistent", "pcd_reinit_prob", "fast_weight_lr", "fast_weight_decay")
+                   "langevin_noise_scale", "langevin_temperature", "n_persistent", "pcd_reinit_prob", "fast_weight_lr",
+                   "fast_weight_decay")
     rules = [  # (keys, whether they act, the setting under which they do nothing)
         (thinking, m.think_steps > 0, "model.think_steps=0 (no thinking)"),
         (("ce_all_steps",), not m.think_truncate, "model.think_truncate=true (the earlier steps carry no graph)"),
-        (("replay_frac",), m.replay_size > 0, "model.replay_size=0 (no replay buffer)"),
+        (("replay_frac",), replay_windows(m) > 0, "model.replay_size=0 and no PCD (no replay buffer)"),
         (("think_steps_min",), m.think_steps_random, "model.think_steps_random=false"),
         (("think_detach",), not m.think_truncate, "model.think_truncate=true (the earlier steps carry no graph)"),
         (("think_max_move", "think_clip"), m.think_rule == "free_energy", f"model.think_rule={m.think_rule}"),
@@ -136,6 +142,7 @@ def inert_options(cfg: RunConfig):
         (contrastive, m.use_contrastive, "model.use_contrastive=false"),
         (("n_persistent", "pcd_reinit_prob"), m.contrastive_type != "cd", "model.contrastive_type=cd (chains "
          "start at the data)"),
+        (("n_persistent",), m.replay_size == 0, f"model.replay_size={m.replay_size} (the replay buffer's size)"),
         (("fast_weight_lr", "fast_weight_decay"), m.contrastive_type == "fast_pcd",
          f"model.contrastive_type={m.contrastive_type}"),
     ]
@@ -252,21 +259,24 @@ def train_step(model, optimizer, x, y, state, cfg: RunConfig, think_steps=None, 
     One optimizer step on the windows (x, y), in train.grad_accum_steps micro-batches whose gradients add up
     (each loss divided by their number: the step equals one on all the windows at once). model: a GPT,
     compiled or not, or a DDP-wrapped Objective, which averages the gradients over the processes after the
-    last micro-batch only. scaler: a GradScaler (float16 on CUDA). Returns the mean CE of the prediction as
-    a tensor (no sync).
+    last micro-batch only. scaler: a GradScaler (float16 on CUDA). Returns tensors (no sync): train_loss, the
+    mean CE of the prediction, and with contrastive divergence energy_gap, the mean E_neg - E_pos.
     """
     ddp = isinstance(model, DDP)
     objective = model if ddp else Objective(model)
     accum = cfg.train.grad_accum_steps
     optimizer.zero_grad(set_to_none=True)
-    ce = 0.0
+    metrics = {}
     for i, (xb, yb) in enumerate(zip(x.chunk(accum), y.chunk(accum))):
         with objective.no_sync() if ddp and i < accum - 1 else nullcontext():
             with autocast_context(cfg.train.dtype, x.device.type):
                 terms = objective(xb, yb, state, think_steps)
                 loss = total_loss(cfg.model, terms, think_steps) / accum
             (loss if scaler is None else scaler.scale(loss)).backward()
-        ce = ce + terms["ce"].detach().mean()  # train_loss is the CE of the prediction, as val_loss
+        # train_loss is the CE of the prediction, as val_loss
+        for name, term in (("train_loss", "ce"), ("energy_gap", "cd_gap")):
+            if term in terms:
+                metrics[name] = metrics.get(name, 0.0) + terms[term].detach().mean() / accum
     if scaler is not None:
         scaler.unscale_(optimizer)  # clip the true gradients
     if cfg.train.grad_clip > 0:
@@ -276,7 +286,7 @@ def train_step(model, optimizer, x, y, state, cfg: RunConfig, think_steps=None, 
     else:
         scaler.step(optimizer)  # skipped when the scaled gradients overflowed
         scaler.update()
-    return ce / accum
+    return metrics
 
 
 @torch.no_grad()
@@ -323,8 +333,7 @@ def setup(cfg: RunConfig, device=None, rank=0, world=1):
                                            (cfg.train.beta1, cfg.train.beta2), device_type, cfg.train.think_lr_lr_mult)
     if rank:  # dropout, think noise and PCD chains differ between processes (rank 0 is a single process)
         torch.manual_seed(cfg.train.seed + rank)
-    use_chains = (cfg.model.use_contrastive and cfg.model.contrastive_type != "cd") or cfg.model.replay_size > 0
-    state = ChainState(cfg.model).to(device) if use_chains else None
+    state = ChainState(cfg.model).to(device) if replay_windows(cfg.model) > 0 else None  # replay, PCD, fast weights
     return device, data, model, optimizer, state
 
 

@@ -191,7 +191,7 @@ def test_seed_compile_command_runs(compiled_run):
     assert sorted(os.listdir(out)) == ["run"]  # the working directory: nothing but out_dir
     assert (out / "run" / "wandb").is_dir()
     ckpt = load_ckpt(out / "run" / "ckpt.pt")
-    assert ckpt["chains"][0]["chains"].shape[0] == 500
+    assert ckpt["chains"][0]["replay_chain"].shape[0] == 500  # PCD: 500 windows keep their chains
 
 
 def test_compiled_checkpoint_loads_in_sampler(compiled_run, capsys):

@@ -94,8 +94,8 @@ def test_signal_to_torchrun_stops_every_rank(signum, corpus, tmp_path, capsys):
     ckpt = load_ckpt(out / "ckpt.pt")
     step = ckpt["step"]
     assert f"interrupted at step {step};" in stops[0] and step >= 10 and not (out / "final.pt").exists()
-    chains = [c["chains"] for c in ckpt["chains"]]
-    assert len(chains) == 2 and chains[0].shape == (50, 22) and not torch.equal(*chains)  # per rank
+    chains = [c["replay_chain"] for c in ckpt["chains"]]
+    assert len(chains) == 2 and chains[0].shape[0] == 50 and not torch.equal(*chains)  # per rank: 50 windows
 
     capsys.readouterr()
     run_train(args + [f"train.max_steps={step + 3}", "train.resume=true", f"out_dir={out}"])
@@ -119,8 +119,10 @@ def nan_on_rank_1(rank, port, args, bad_step):
 
         def poisoned(*a, **kw):
             calls[0] += 1
-            loss = real_step(*a, **kw)
-            return loss * float("nan") if calls[0] >= bad_step else loss
+            metrics = real_step(*a, **kw)
+            if calls[0] >= bad_step:
+                metrics["train_loss"] = metrics["train_loss"] * float("nan")
+            return metrics
 
         train_mod.train_step = poisoned
     out_dir = Path(next(a for a in args if a.startswith("out_dir=")).split("=", 1)[1])

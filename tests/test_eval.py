@@ -14,9 +14,9 @@ import eval as eval_mod  # noqa: E402  (registers the eval_schema config node; t
 from util import UserError
 
 PARTS = {"think_sweep", "temperature_control", "self_verification", "exact_verifier", "uncertainty", "adaptive",
-         "ood"}
+         "ood", "chains"}
 HEADINGS = ["## think sweep", "## temperature-matched control", "## self-verification", "## exact verifier",
-            "## energy as uncertainty", "## adaptive compute", "## out of distribution"]
+            "## energy as uncertainty", "## adaptive compute", "## out of distribution", "## contrastive chains"]
 TIMINGS = {"us_per_token", "eval_seconds"}
 # a skewed alphabet (a repeated character is drawn more often), so that a trained model's System 1 carries
 # information and its best temperature is finite; 9 distinct symbols
@@ -327,7 +327,8 @@ def test_bootstrap_is_deterministic(one_thread):
 
 def test_zero_energies_give_the_uniform_answer(trained, tmp_path, capsys):
     """With every energy 0, System 1 is uniform and thinking keeps it so: every loss is ln V, adaptive stops
-    after one step, energies are all tied (auroc 1/2); eval.json holds the six parts, the markdown each heading."""
+    after one step, energies are all tied (auroc 1/2), the chains reach uniform; eval.json holds every part, the
+    markdown each heading."""
     ckpt, ood = trained
     zero, V = edited_checkpoint(ckpt, tmp_path / "zero", lambda sd: sd["energy_head.weight"].zero_())
     capsys.readouterr()
@@ -364,6 +365,12 @@ def test_zero_energies_give_the_uniform_answer(trained, tmp_path, capsys):
     for name in ("val", "ood_text", "corrupted_val"):
         for row in o[name]["sweep"]:
             assert row["loss"] == pytest.approx(lnV, abs=1e-6), name
+
+    # the chains descend to the uniform distribution from the data (cd) and from noise (pcd)
+    for kind in ("cd", "pcd"):
+        kl = [row[kind]["kl"] for row in r["chains"]["rows"]]
+        assert kl[0] > 0.1 and all(b < a for a, b in zip(kl, kl[1:])) and kl[-1] < 1e-3, (kind, kl)
+    assert "fast_pcd" not in r["chains"]["rows"][0]  # final.pt has no fast weights
 
     written = json.loads((tmp_path / "zero" / "eval.json").read_text())
     assert {k for k, v in written.items() if isinstance(v, (dict, list))} == PARTS

@@ -107,8 +107,9 @@ def test_resume_is_exact(mode, corpus, tmp_path, capsys):
     ckpt = load_ckpt(tmp_path / "resumed" / "ckpt.pt")
     assert ckpt["step"] == n
     if mode in CHAIN_MODES:
-        n_chains = ckpt["config"]["model"]["n_persistent"]
-        assert "chains" in ckpt and ckpt["chains"][0]["chains"].shape == (n_chains, 22)  # entry r: rank r
+        mc = ckpt["config"]["model"]
+        windows = mc["replay_size"] or mc["n_persistent"]  # the replay buffer: EBT's replay or PCD's windows
+        assert ckpt["chains"][0]["replay_chain"].shape == (windows, mc["block_size"], 22)  # entry r: rank r
     capsys.readouterr()
     run_train(common + [f"train.max_steps={n + m}", f"out_dir={tmp_path / 'resumed'}", "train.resume=true"])
     assert f"at step {n}" in capsys.readouterr().out
@@ -123,6 +124,8 @@ def test_resume_is_exact(mode, corpus, tmp_path, capsys):
         if mode == "replay":  # windows were stored, and replayed windows were warm-started from them
             chains = r_ck["chains"][0]
             assert chains["_extra_state"]["replay_count"] > 6 and chains["replay_z"].abs().sum() > 0
+        else:  # PCD: windows were stored with their chains
+            assert r_ck["chains"][0]["replay_chain"].abs().sum() > 0
     rows_s, rows_r = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
     assert [r["step"] for r in rows_r] == [r["step"] for r in rows_s] == [2, 4, 6, 7]
     assert rows_r[-1]["val_loss"] == rows_s[-1]["val_loss"]
