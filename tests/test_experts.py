@@ -7,6 +7,7 @@ from torch.nn import functional as F
 
 import ebm
 from conftest import perturb
+from helpers import TINY, error_lines, run_main, run_sample, run_train
 
 ENERGIES = ["linear", "mixture", "transformer"]
 
@@ -104,3 +105,43 @@ def test_ban_is_an_infinite_energy(tiny_factory):
     torch.testing.assert_close(F.log_softmax(zs[0], -1)[..., allowed], F.log_softmax(free[..., allowed], -1))
     for z in zs:
         assert (z[..., list(banned)] == -torch.inf).all() and torch.isfinite(z[..., allowed]).all()
+
+
+# ---------------------------------------------------------------------------------------------------
+# sample.py and eval.py with experts=[...]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Two tiny models trained on tiny Shakespeare with different seeds."""
+    out = tmp_path_factory.mktemp("experts")
+    for seed in (1, 2):
+        run_train(TINY + ["train.max_steps=6", f"train.seed={seed}", f"out_dir={out / str(seed)}"])
+    return out / "1" / "final.pt", out / "2" / "final.pt"
+
+
+def test_sample_ban_makes_a_lipogram(checkpoints, capsys):
+    """sample.py with ban=e and two experts generates text without the letter e (greedy and sampled); without the
+    ban the sampled text has e's."""
+    experts = f"experts=[{checkpoints[0]},{checkpoints[1]}]"
+    base = [experts, "expert_weights=[1,0.5]", "prompt=The", "max_new_tokens=200"]
+    for extra in ([], ["sample=true", "seed=3"]):
+        text = run_sample(base + ["ban=e"] + extra, capsys)[0]
+        assert text.startswith("The") and "e" not in text[3:]  # the prompt may have one
+    assert "e" in run_sample(base + ["sample=true", "seed=3"], capsys)[0][3:]
+
+
+def test_mismatched_vocabularies_get_one_line(checkpoints, tmp_path):
+    """Experts with different character lists, or too few weights, stop sample.py with one line naming the cause."""
+    ckpt = torch.load(checkpoints[1], weights_only=True)
+    ckpt["vocab"] = ckpt["vocab"][:-1] + ["#"]
+    other = tmp_path / "other.pt"
+    torch.save(ckpt, other)
+    cases = {f"experts=[{checkpoints[0]},{other}]": ["vocabularies differ", "'#'"],
+             "expert_weights=[1]": ["expert_weights has 1 entries for 2 experts"]}
+    for arg, parts in cases.items():
+        args = [arg] if arg.startswith("experts") else [f"experts=[{checkpoints[0]},{checkpoints[1]}]", arg]
+        r = run_main("sample.py", args)
+        lines = error_lines(r.stderr)
+        assert r.returncode != 0 and len(lines) == 1 and lines[0].startswith("error:"), r.stderr[-2000:]
+        assert all(p in lines[0] for p in parts), lines[0]
