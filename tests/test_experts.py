@@ -6,8 +6,9 @@ import torch
 from torch.nn import functional as F
 
 import ebm
+import eval as eval_mod
 from conftest import perturb
-from helpers import TINY, error_lines, run_main, run_sample, run_train
+from helpers import TINY, compose_cfg, error_lines, run_main, run_sample, run_train
 
 ENERGIES = ["linear", "mixture", "transformer"]
 
@@ -145,3 +146,16 @@ def test_mismatched_vocabularies_get_one_line(checkpoints, tmp_path):
         lines = error_lines(r.stderr)
         assert r.returncode != 0 and len(lines) == 1 and lines[0].startswith("error:"), r.stderr[-2000:]
         assert all(p in lines[0] for p in parts), lines[0]
+
+
+def test_eval_product_of_an_expert_with_itself(checkpoints):
+    """eval.py with experts=[a,a] at weights [0.5,0.5] scores the product as a alone (the energies average to
+    a's), beside each expert alone; with [a,b] the product differs from both."""
+    a, b = (str(c) for c in checkpoints)
+    rows = eval_mod.main_eval(compose_cfg("eval", [f"experts=[{a},{a}]", "expert_weights=[0.5,0.5]",
+                                                   "max_tokens=1024"]))["product"]
+    assert [r["member"] for r in rows] == [f"{a} alone", f"{a} alone", "product at weights [0.5, 0.5]"]
+    for key in ("s1", "s2", "at_temperature"):
+        assert abs(rows[2][key]["loss"] - rows[0][key]["loss"]) < 1e-6
+    rows = eval_mod.main_eval(compose_cfg("eval", [f"experts=[{a},{b}]", "max_tokens=1024"]))["product"]
+    assert rows[2]["s2"]["delta_se"] > 0 and min(abs(rows[2]["s2"]["loss"] - r["s2"]["loss"]) for r in rows[:2]) > 1e-4
