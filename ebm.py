@@ -103,6 +103,27 @@ def make_energy(model, h, e, caches=None):
     return linear_energy(e)
 
 
+def weighted_sum(weights, xs):
+    return sum(w * x for w, x in zip(weights, xs))
+
+
+def product_energy(models, weights, hs, caches):
+    """
+    A product of experts: E(x, p) = sum_i w_i E_i(x, p), so dE/dp = sum_i w_i dE_i/dp, where expert i is its
+    own model with its own hidden states h_i and caches_i (None but for the transformer energy). Returns the
+    summed energy vector e = sum_i w_i e_i (System 1: z_0 = -e / T) and the energy that thinking descends.
+    The experts share the vocabulary, token by token (trainer.load_experts checks it).
+    """
+    es = [model.energies(h) for model, h in zip(models, hs)]
+    parts = [make_energy(model, h, e, c) for model, h, e, c in zip(models, hs, es, caches)]
+
+    def energy(p, step=None):
+        Es, grads = zip(*(part(p, step) for part in parts))
+        return weighted_sum(weights, Es), weighted_sum(weights, grads)
+
+    return weighted_sum(weights, es), energy
+
+
 @torch.no_grad()
 def onehot_energies(model, h, e, caches=None, chunk=8):
     """
@@ -230,7 +251,7 @@ def step_size(model, z, training):
 
 
 def system2_logits(model, h, e, steps, caches=None, samples=1, training=False, topk=0, z_start=None,
-                   return_chosen=False, verify_by=None):
+                   return_chosen=False, verify_by=None, energy=None, banned=()):
     """
     System 1 logits z_0 = -e / T, then `steps` think steps on the model's energy from model.think_start;
     returns [z_0, ..., z_K] (z_0 is always System 1's prediction, whatever the start).
@@ -240,18 +261,26 @@ def system2_logits(model, h, e, steps, caches=None, samples=1, training=False, t
     candidates only. z_start (n, T, V): the first n rows start thinking there (replay buffer warm starts).
     return_chosen: also return which start was kept per position (...), 0 = the start, 1..M-1 random.
     verify_by: rank the M candidates by this instead of model.verify_by (eval.py reports both).
+    energy: descend this energy (E, dE/dp) instead of the model's own, e.g. a product of experts
+    (product_energy; e is then its summed energy vector, and model gives T and the thinking options).
+    banned: token ids whose energy is infinite (a ban): System 1 gives them logit -inf and thinking runs
+    over the other tokens only (p = 0 on the banned ones; <p, e> at p = 0, e = inf would be NaN).
     """
     cfg = model.config
+    V = e.size(-1)
     z0 = -e / cfg.softmax_temperature  # System 1
-    energy = make_energy(model, h, e, caches)
+    if banned:
+        z0 = z0.index_fill(-1, torch.tensor(banned, device=z0.device), -math.inf)
+    energy = make_energy(model, h, e, caches) if energy is None else energy
     start = think_start(cfg, z0)
     if z_start is not None:
         start = torch.cat([z_start.to(z0.dtype), start[z_start.size(0):]])
     lr = step_size(model, start, training)
     ix = None
-    if topk and topk < e.size(-1):  # the rest are ruled out (-inf); p is zero there
-        ix = z0.topk(topk, dim=-1).indices  # (..., k)
-        energy, start = topk_energy(energy, ix, e.size(-1)), start.gather(-1, ix)
+    k = min(topk or V, V - len(banned))  # the System 1 top-k, or every token that is not banned
+    if k < V:  # think over k candidates only: the rest are ruled out (-inf); p is zero there
+        ix = z0.topk(k, dim=-1).indices  # (..., k)
+        energy, start = topk_energy(energy, ix, V), start.gather(-1, ix)
     if samples > 1:  # candidate 0 starts at the start, the others from noise: (M, ..., V)
         start = torch.cat([start.unsqueeze(0), torch.randn(samples - 1, *start.shape, dtype=start.dtype,
                                                                   device=start.device)])
@@ -491,9 +520,15 @@ def total_loss(cfg, terms, think_steps=None):
 
 
 @torch.no_grad()
-def next_logits(model, h, think_steps, topk=0, caches=None, samples=1):
-    """Logits (B, V) for the next token from the last hidden state h (B, 1, d): System 1, then thinking."""
-    return system2_logits(model, h, model.energies(h), think_steps, caches, samples, topk=topk)[-1][:, -1]
+def next_logits(models, weights, hs, think_steps, topk=0, caches=None, samples=1, banned=()):
+    """
+    Logits (B, V) for the next token from each expert's last hidden state h_i (B, 1, d): System 1 of the
+    product's energy, then thinking on it, with the first expert's temperature T and thinking options. A
+    single model is the product of one expert at weight 1.
+    """
+    e, energy = product_energy(models, weights, hs, caches or [None] * len(models))
+    return system2_logits(models[0], None, e, think_steps, samples=samples, topk=topk, energy=energy,
+                          banned=banned)[-1][:, -1]
 
 
 def pick(z, sample, temperature=1.0, top_p=1.0, generator=None):
@@ -510,28 +545,38 @@ def pick(z, sample, temperature=1.0, top_p=1.0, generator=None):
 
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, think_steps, topk=0, sample=False, temperature=1.0, top_p=1.0,
-             generator=None, use_cache=True, samples=1, compile=False):
+             generator=None, use_cache=True, samples=1, compile=False, weights=None, banned=()):
     """
     Continue idx (B, T) by max_new_tokens tokens. With the KV cache each new token costs one single-token
     pass. When the cache holds block_size tokens it is rebuilt from the most recent block_size // 2
     tokens, so each rebuild buys block_size // 2 cheap steps and the context never drops below half a
     window. Without the cache (use_cache=False) each step reruns the last block_size tokens.
     The transformer energy reads the observed keys/values from the same cache while thinking.
+    model: a GPT, or a list of GPTs whose energies add with `weights` (default 1 each), a product of
+    experts: each keeps its own cache and block_size. banned: token ids never generated (infinite energy).
     compile: torch.compile the forward pass and the think steps. A single token's step is dozens of tiny
     kernels whose launch overhead dominates on CPU; compiling fuses them (after ~15 s of compiling).
     """
-    bs = model.config.block_size
-    forward, think_next = model, next_logits
+    models = list(model) if isinstance(model, (list, tuple)) else [model]
+    weights = [1.0] * len(models) if weights is None else list(weights)
+    forwards, think_next = models, next_logits
     if compile:
-        forward, think_next = torch.compile(model, dynamic=True), torch.compile(next_logits)
-    caches = None
+        forwards, think_next = [torch.compile(m, dynamic=True) for m in models], torch.compile(next_logits)
+    caches, hs = [None] * len(models), [None] * len(models)
     for _ in range(max_new_tokens):
-        if not use_cache or caches is None or caches[0].length == bs:
-            ctx = idx[:, -max(1, bs // 2):] if use_cache and caches is not None else idx[:, -bs:]
-            caches = model.new_caches(idx.size(0))
-            h = forward(ctx, caches)
-        else:
-            h = forward(idx[:, -1:], caches)
-        z = think_next(model, h[:, -1:], think_steps, topk, caches, samples)
+        for i, (m, forward) in enumerate(zip(models, forwards)):  # each expert: its own pass and cache
+            hs[i], caches[i] = last_hidden(m, forward, idx, caches[i], use_cache)
+        z = think_next(models, weights, hs, think_steps, topk, caches, samples, banned)
         idx = torch.cat([idx, pick(z, sample, temperature, top_p, generator)], dim=1)
     return idx
+
+
+def last_hidden(model, forward, idx, caches, use_cache):
+    """One expert's hidden state (B, 1, d) of the last token of idx and its caches: a single-token pass
+    while the cache has room, else a fresh cache over the recent tokens (see generate)."""
+    bs = model.config.block_size
+    if use_cache and caches is not None and caches[0].length < bs:
+        return forward(idx[:, -1:], caches), caches
+    ctx = idx[:, -max(1, bs // 2):] if use_cache and caches is not None else idx[:, -bs:]
+    caches = model.new_caches(idx.size(0))
+    return forward(ctx, caches)[:, -1:], caches

@@ -46,15 +46,17 @@ from hydra.core.config_store import ConfigStore
 from torch.nn import functional as F
 
 from data import load_text, resolve_path, train_val_split
-from ebm import (chain_temperature, free_energy, make_energy, observe, onehot_energies, sample_chains, system2_logits,
-                 think, think_start)
-from trainer import load_model
+from ebm import (chain_temperature, free_energy, make_energy, observe, onehot_energies, product_energy, sample_chains,
+                 system2_logits, think, think_start)
+from trainer import load_experts, load_model
 from util import UserError, bootstrap_means, check_overrides, load_checkpoint, pick_device, run, sync
 
 
 @dataclass
 class EvalConfig:
     checkpoint: str = "out_ebt/final.pt"
+    experts: List[str] = field(default_factory=list)  # a product of these checkpoints instead (only its losses)
+    expert_weights: List[float] = field(default_factory=list)  # one weight per expert (empty: 1 each)
     think_steps: Optional[int] = None  # K for the parts that think once (default: the model's think_steps)
     sweep: List[int] = field(default_factory=lambda: [0, 1, 2, 4, 8, 16])
     samples: List[int] = field(default_factory=lambda: [1, 2, 4, 8])
@@ -176,6 +178,16 @@ def windows(ids, block_size, max_tokens=0):
     x = ids[: n * block_size].view(n, block_size)
     y = ids[1 : n * block_size + 1].view(n, block_size)
     return x, y
+
+
+def val_windows(ckpt_cfg, vocab, block_size, max_tokens):
+    """The val windows x, y (N, T) of the run's text, and which of them form the tune slice (every 5th)."""
+    ids = torch.tensor(vocab.encode(load_text(ckpt_cfg["data"]["data_path"])), dtype=torch.long)
+    x, y = windows(train_val_split(ids)[1], block_size, max_tokens)
+    tune = torch.arange(x.size(0)) % 5 == 0
+    if tune.all():
+        raise UserError("the val split is too short for a tune and a report slice: raise max_tokens")
+    return x, y, tune
 
 
 @dataclass
@@ -459,13 +471,7 @@ def evaluate_checkpoint(cfg: EvalConfig):
     K = mcfg.think_steps if cfg.think_steps is None else cfg.think_steps
     if K < 0:
         raise UserError(f"think_steps={K} must be >= 0")
-    text = load_text(ckpt_cfg["data"]["data_path"])
-    ids = torch.tensor(vocab.encode(text), dtype=torch.long)
-    _, val = train_val_split(ids)
-    x, y = windows(val, mcfg.block_size, cfg.max_tokens)
-    tune = torch.arange(x.size(0)) % 5 == 0
-    if tune.all():
-        raise UserError("the val split is too short for a tune and a report slice: raise max_tokens")
+    x, y, tune = val_windows(ckpt_cfg, vocab, mcfg.block_size, cfg.max_tokens)
     report = Runner(model, x[~tune], y[~tune], cfg.batch_size, device, cfg.seed)
     tuner = Runner(model, x[tune], y[tune], cfg.batch_size, device, cfg.seed)
     result = {"checkpoint": str(cfg.checkpoint), "energy": mcfg.energy, "model_think_steps": mcfg.think_steps,
@@ -482,6 +488,81 @@ def evaluate_checkpoint(cfg: EvalConfig):
     if cfg.chain_steps:
         result["chains"] = chains_part(cfg, report)
     return result
+
+
+# ---------------------------------------------------------------------------------------------------
+# a product of experts (experts=[a.pt,b.pt] expert_weights=[1,0.5]): its val loss beside each expert's alone
+
+
+def product_logits(models, weights, x, steps, batch_size, device):
+    """System 1 and thinking logits (N, V) over windows x (n, T) of the product of models at weights
+    (ebm.product_energy); one model at weight 1 is that model alone."""
+    z0s, zks = [], []
+    for i in range(0, x.size(0), batch_size):
+        seen = [observe(m, x[i : i + batch_size].to(device)) for m in models]  # (h, e, caches) per expert
+        e, energy = product_energy(models, weights, [h for h, _, _ in seen], [c for _, _, c in seen])
+        zs = system2_logits(models[0], None, e, steps, energy=energy)
+        z0s.append(zs[0].flatten(0, 1).float().cpu())
+        zks.append(zs[-1].flatten(0, 1).float().cpu())
+    return torch.cat(z0s), torch.cat(zks)
+
+
+def product_rows(cfg, members, x, y, tune, device):
+    """One row per member (name, models, weights, K): System 1 and thinking losses on the report slice, and
+    thinking at its best temperature (chosen on the tune slice). Differences are paired against the best
+    expert alone (the lowest thinking loss among the members of one model, which come first)."""
+    report = y[~tune]
+
+    def losses(z):
+        return ce(z, report.flatten()).view(report.shape)
+
+    runs = []
+    for name, models, weights, K in members:
+        torch.manual_seed(cfg.seed)  # random starts (think_start=noise): the same for every member
+        z0, zk = product_logits(models, weights, x[~tune], K, cfg.batch_size, device)
+        t = best_temperature(product_logits(models, weights, x[tune], K, cfg.batch_size, device)[1],
+                             y[tune].flatten())
+        runs.append((name, K, losses(z0), losses(zk), t, losses(zk / t)))
+    best = min(runs[:-1], key=lambda r: r[3].mean())  # the experts alone (the product is last)
+    return [{"member": name, "think_steps": K, "s1": summary(l0), "s2": summary(lk, best[3]), "temperature": t,
+             "at_temperature": summary(lt, best[5]), "vs": best[0]} for name, K, l0, lk, t, lt in runs]
+
+
+@torch.no_grad()  # the transformer energy turns gradients on for dE/dp only
+def evaluate_product(cfg: EvalConfig):
+    if cfg.batch_size < 1 or cfg.max_tokens < 0:
+        raise UserError("batch_size must be >= 1 and max_tokens >= 0")
+    device = pick_device(cfg.device, key="device")
+    models, weights, vocab, ckpt_cfg = load_experts(cfg.experts, cfg.expert_weights, device)
+    steps = [m.config.think_steps if cfg.think_steps is None else cfg.think_steps for m in models]
+    if min(steps) < 0:
+        raise UserError(f"think_steps={cfg.think_steps} must be >= 0")
+    bs = min(m.config.block_size for m in models)  # every expert sees each whole window
+    x, y, tune = val_windows(ckpt_cfg, vocab, bs, cfg.max_tokens)
+    members = [(f"{path} alone", [m], [1.0], k) for path, m, k in zip(cfg.experts, models, steps)]
+    members.append((f"product at weights {weights}", models, weights, steps[0]))  # the first one's options
+    return {"experts": list(cfg.experts), "expert_weights": weights, "think_steps": steps[0], "block_size": bs,
+            "tokens": y[~tune].numel(), "tune_tokens": y[tune].numel(), "device": device,
+            "uniform_loss": math.log(len(vocab)), "report_windows": int((~tune).sum()),
+            "bootstrap_resamples": BOOTSTRAP, "product": product_rows(cfg, members, x, y, tune, device)}
+
+
+def product_markdown(r):
+    out = [f"# eval of a product of experts: {', '.join(r['experts'])} at weights {r['expert_weights']}",
+           f"E(x, v) = sum_i w_i E_i(x, v); System 1 z_0 = -sum_i w_i e_i / T and thinking (K={r['think_steps']}) "
+           f"with the first expert's T and options; {r['tokens']} val tokens reported in windows of "
+           f"{r['block_size']} (the smallest block_size), {r['tune_tokens']} for tuning temperatures; device "
+           f"{r['device']}; losses in nats (uniform: {r['uniform_loss']:.4f}); ± is one bootstrap standard error "
+           f"({r['bootstrap_resamples']} resamples of {r['report_windows']} windows); only the loss parts of "
+           "eval.py are run for a product", "",
+           f"| member | think_steps | System 1 | thinking | vs {r['product'][0]['vs']} | best T | thinking at "
+           f"best T | vs {r['product'][0]['vs']} at its best T |", "|---" * 8 + "|"]
+    for row in r["product"]:
+        out.append(f"| {row['member']} | {row['think_steps']} | {num(row['s1']['loss'])} ± {row['s1']['se']:.4f} | "
+                   f"{num(row['s2']['loss'])} ± {row['s2']['se']:.4f} | {delta(row['s2'])} | "
+                   f"{row['temperature']:.3f} | {num(row['at_temperature']['loss'])} | "
+                   f"{delta(row['at_temperature'])} |")
+    return "\n".join(out)
 
 
 def num(x, nd=4):
@@ -588,10 +669,11 @@ def chains_markdown(r):
 
 def main_eval(cfg: EvalConfig):
     t0 = time.time()
-    result = evaluate_checkpoint(cfg)
+    result = evaluate_product(cfg) if cfg.experts else evaluate_checkpoint(cfg)
     result["eval_seconds"] = time.time() - t0
-    print(markdown(result))
-    path = Path(cfg.checkpoint).parent / "eval.json"
+    print(product_markdown(result) if cfg.experts else markdown(result))
+    path = Path(cfg.experts[0]).parent / "eval_product.json" if cfg.experts else \
+        Path(cfg.checkpoint).parent / "eval.json"
     path.write_text(json.dumps(result, indent=2))
     print(f"\nwrote {path} in {result['eval_seconds']:.0f}s")
     return result

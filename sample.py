@@ -1,25 +1,30 @@
 """
 Generate text from a trained checkpoint: `uv run sample.py checkpoint=out_ebt/final.pt prompt="HAMLET:"`.
 Config: config/sample.yaml (schema: SampleConfig below). The checkpoint carries the vocabulary and model config.
+A product of experts: `experts='[a.pt,b.pt]' expert_weights='[1,0.5]'` (their energies add); `ban=e`: the
+text never contains an e (an infinite energy, a hand-written expert). docs/experts.md.
 """
 
 import sys
 import time
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import List, Optional
 
 import hydra
 import torch
 from hydra.core.config_store import ConfigStore
 
 from ebm import generate
-from trainer import load_model
+from trainer import load_experts
 from util import UserError, check_overrides, pick_device, run, sync
 
 
 @dataclass
 class SampleConfig:
     checkpoint: str = "out_ebt/final.pt"
+    experts: List[str] = field(default_factory=list)  # a product of these checkpoints (empty: checkpoint alone)
+    expert_weights: List[float] = field(default_factory=list)  # one weight per expert (empty: 1 each)
+    ban: str = ""  # characters the generated text may not contain (infinite energy)
     prompt: str = "\n"
     max_new_tokens: int = 500
     use_thinking: bool = True  # false: System 1 only
@@ -48,20 +53,22 @@ def sample(cfg: SampleConfig):
     if cfg.think_samples is not None and cfg.think_samples < 1:
         raise UserError(f"think_samples={cfg.think_samples} must be >= 1")
     device = pick_device(cfg.device, key="device")
-    model, vocab, _ = load_model(cfg.checkpoint, device)
+    models, weights, vocab, _ = load_experts(cfg.experts or [cfg.checkpoint], cfg.expert_weights, device)
+    model, banned = models[0], ban_ids(cfg.ban, vocab)  # the first expert's thinking options serve the product
     steps = 0 if not cfg.use_thinking else (model.config.think_steps if cfg.think_steps is None else cfg.think_steps)
     prompt = vocab.encode(cfg.prompt or "\n")
     idx = torch.tensor([prompt] * cfg.num_samples, dtype=torch.long, device=device)
     samples = model.config.think_samples if cfg.think_samples is None else cfg.think_samples
     if cfg.compile:  # compile first, in a short untimed run, so that tokens/s below is the steady speed
-        generate(model, idx, 2, steps, topk=cfg.topk, samples=samples, compile=True)
+        generate(models, idx, 2, steps, topk=cfg.topk, samples=samples, compile=True, weights=weights,
+                 banned=banned)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     sync(device)
     t0 = time.time()
-    out = generate(model, idx, cfg.max_new_tokens, steps, topk=cfg.topk, sample=cfg.sample,
+    out = generate(models, idx, cfg.max_new_tokens, steps, topk=cfg.topk, sample=cfg.sample,
                    temperature=cfg.sample_temp, top_p=cfg.sample_top_p, generator=gen, samples=samples,
-                   compile=cfg.compile)
+                   compile=cfg.compile, weights=weights, banned=banned)
     sync(device)  # CUDA and MPS run ahead of Python: wait before reading the clock
     dt = time.time() - t0
     for row in out.tolist():
@@ -69,7 +76,21 @@ def sample(cfg: SampleConfig):
         print("---------------")
     n = cfg.max_new_tokens * cfg.num_samples
     print(f"{n} tokens in {dt:.2f}s ({n / max(dt, 1e-9):.0f} tokens/s), think_steps {steps}, "
-          f"{'sampled' if cfg.sample else 'greedy'}")
+          f"{'sampled' if cfg.sample else 'greedy'}"
+          + (f", product of {len(models)} experts at weights {weights}" if len(models) > 1 else "")
+          + (f", banned {cfg.ban!r}" if banned else ""))
+
+
+def ban_ids(ban, vocab):
+    """The token ids of the banned characters; each must be in the vocabulary, and one must stay allowed."""
+    unknown = sorted({c for c in ban if c not in vocab.stoi})
+    if unknown:
+        raise UserError(f"ban={ban!r}: {' '.join(repr(c) for c in unknown)} not in the model's vocabulary, so "
+                        "it could never be generated anyway; ban only characters of the training text")
+    banned = tuple(sorted({vocab.stoi[c] for c in ban}))
+    if len(banned) == len(vocab):
+        raise UserError(f"ban={ban!r} bans every character of the vocabulary: leave at least one allowed")
+    return banned
 
 
 @hydra.main(version_base="1.3", config_path="config", config_name="sample")

@@ -347,3 +347,33 @@ def load_model(path, device):
         raise UserError(f"checkpoint {path} does not fit this version of nanoEBM ({str(err).splitlines()[0]}); "
                         "retrain it with this version") from None
     return model.to(device).eval(), Vocab(ckpt["vocab"]), ckpt["config"]
+
+
+def load_experts(paths, weights, device):
+    """
+    The models of a product of experts (sample.py and eval.py: experts=[a.pt,b.pt] expert_weights=[1,0.5]),
+    their weights (none given: 1 each), the one vocabulary they share and the first one's run config.
+    Their energies add token by token, so every expert must have the same character list; block sizes and
+    architectures may differ.
+    """
+    if not paths:
+        raise UserError("experts is empty: pass at least one checkpoint, e.g. experts='[a.pt,b.pt]'")
+    if weights and len(weights) != len(paths):
+        raise UserError(f"expert_weights has {len(weights)} entries for {len(paths)} experts: give one weight "
+                        "per expert, or none (1 each)")
+    loaded = [load_model(path, device) for path in paths]
+    vocab = loaded[0][1]
+    for path, (_, other, _) in zip(paths[1:], loaded[1:]):
+        if other.chars != vocab.chars:
+            raise UserError(f"the experts' vocabularies differ ({paths[0]}: {vocab_summary(vocab, other)}; "
+                            f"{path}: {vocab_summary(other, vocab)}): energies add token by token, so combine "
+                            "only models trained on text with the same characters")
+    return [m for m, _, _ in loaded], list(weights) or [1.0] * len(paths), vocab, loaded[0][2]
+
+
+def vocab_summary(vocab, other):
+    """How vocab differs from other, in a few words: its size and the characters only it has."""
+    only = [c for c in vocab.chars if c not in other.stoi]
+    if not only:
+        return f"{len(vocab)} characters" + ("" if len(vocab) < len(other) else ", in another order")
+    return f"{len(vocab)} characters, {len(only)} only here: {' '.join(repr(c) for c in only[:8])}"

@@ -323,6 +323,10 @@ def test_every_documented_sample_key_lands():
     assert (cfg.sample, cfg.sample_temp, cfg.sample_top_p, cfg.seed) == (True, 1.2, 0.9, 3)
     d = helpers.compose_cfg("sample", [])
     assert d.use_thinking is True and d.sample is False and d.checkpoint == "out_ebt/final.pt"
+    # products of experts (docs/experts.md)
+    poe = helpers.compose_cfg("sample", ["experts=[a.pt,b.pt]", "expert_weights=[1,0.5]", "ban=eE"])
+    assert (poe.experts, poe.expert_weights, poe.ban) == (["a.pt", "b.pt"], [1.0, 0.5], "eE")
+    assert (d.experts, d.expert_weights, d.ban) == ([], [], "")
 
 
 # ---------------------------------------------------------------------------------------------------

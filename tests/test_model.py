@@ -92,7 +92,8 @@ def test_generate_cache_equals_no_cache_within_block(tiny_factory, think_steps, 
 
 def reference_logits(model, window, think_steps, topk=0):
     with torch.no_grad():
-        return ebm.next_logits(model, model(window)[:, -1:], think_steps, topk)
+        h = model(window)[:, -1:]  # the single model's own System 2, not the product path of generate
+        return ebm.system2_logits(model, h, model.energies(h), think_steps, topk=topk)[-1][:, -1]
 
 
 @pytest.mark.parametrize("bs,prompt_len", [(16, 5), (16, 16), (16, 20), (3, 2), (1, 1), (1, 4)])
@@ -192,7 +193,7 @@ def test_next_logits_topk(tiny_factory, k):
     h = torch.randn(20, 32, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
     with torch.no_grad():
         e = model.energies(h)
-        z = ebm.next_logits(model, h[:, None], 4, topk=k)
+        z = ebm.next_logits([model], [1.0], [h[:, None]], 4, topk=k)
     s1_top = e.topk(k, -1, largest=False).indices
     finite = torch.isfinite(z)
     assert (finite.sum(-1) == k).all()
@@ -206,14 +207,18 @@ def test_next_logits_topk(tiny_factory, k):
 
 
 def test_next_logits_without_topk_is_system2(tiny_factory):
-    """next_logits with topk=0 equals system2_logits on the energies; think_steps=0 is System 1."""
+    """next_logits of one model (a product of one expert) with topk=0 equals system2_logits on its energies;
+    think_steps=0 is System 1."""
     model = tiny_factory(seed=7, entropy_weight=0.4).eval()
     h = torch.randn(5, 32, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
     with torch.no_grad():
         e = model.energies(h)
-        assert torch.allclose(ebm.next_logits(model, h[:, None], 3), ebm.system2_logits(model, None, e, 3)[-1])
-        assert torch.allclose(ebm.next_logits(model, h[:, None], 0), -e / model.config.softmax_temperature)
-        assert torch.allclose(F.softmax(ebm.next_logits(model, h[:, None], 0, topk=V), -1), F.softmax(-e, -1))
+        def one(*args, **kw):
+            return ebm.next_logits([model], [1.0], [h[:, None]], *args, **kw)
+
+        assert torch.allclose(one(3), ebm.system2_logits(model, None, e, 3)[-1])
+        assert torch.allclose(one(0), -e / model.config.softmax_temperature)
+        assert torch.allclose(F.softmax(one(0, topk=V), -1), F.softmax(-e, -1))
 
 
 @pytest.mark.parametrize("energy", ["linear", pytest.param("mixture", marks=pytest.mark.slow),
@@ -227,5 +232,5 @@ def test_compiled_generation_equals_eager(tiny_factory, energy):
     assert torch.equal(eager, compiled)  # tokens: the picks' top-2 logit gaps (> 3e-5) dwarf float32 rounding
     caches = model.new_caches(2)
     h = model(idx, caches)[:, -1:]
-    torch.testing.assert_close(torch.compile(ebm.next_logits)(model, h, 3, 0, caches),
-                               ebm.next_logits(model, h, 3, 0, caches))
+    torch.testing.assert_close(torch.compile(ebm.next_logits)([model], [1.0], [h], 3, 0, [caches]),
+                               ebm.next_logits([model], [1.0], [h], 3, 0, [caches]))

@@ -81,7 +81,7 @@ def test_readme_command_runs(words, tmp_path, tiny_checkpoint, capsys, monkeypat
         run_train(args + TINY + out)
         assert (tmp_path / "final.pt").exists()
     elif script == "sample.py":
-        args = [f"checkpoint={tiny_checkpoint}" if a.startswith("checkpoint=") else a for a in args]
+        args = tiny_checkpoints(args, tiny_checkpoint)
         texts = run_sample(args + ["max_new_tokens=8"], capsys)
         assert texts and all(len(t) > 8 for t in texts)
     elif script == "torchrun":  # a real multi-process run (tests/test_distributed.py checks what it does)
@@ -94,11 +94,22 @@ def test_readme_command_runs(words, tmp_path, tiny_checkpoint, capsys, monkeypat
         result = bench_mod.bench(compose_cfg("bench", args + TINY + TINY_BENCH + out))
         assert all(t["ratio"] > 0 for t in result["train"].values()) and (tmp_path / "bench.json").exists()
     elif script == "eval.py":
-        args = [f"checkpoint={tiny_checkpoint}" if a.startswith("checkpoint=") else a for a in args]
+        args = tiny_checkpoints(args, tiny_checkpoint)
         result = eval_mod.main_eval(compose_cfg("eval", args + TINY_EVAL))
-        assert result["think_sweep"] and (tiny_checkpoint.parent / "eval.json").exists()
+        product = any(a.startswith("experts=") for a in args)  # a product of experts reports only its losses
+        assert result["product" if product else "think_sweep"]
+        assert (tiny_checkpoint.parent / ("eval_product.json" if product else "eval.json")).exists()
     else:
         pytest.fail(f"README command for an unknown script: {words}")
+
+
+def tiny_checkpoints(args, ckpt):
+    """The command's checkpoint=PATH and experts=[PATH,...] all point at the tiny checkpoint instead."""
+    def tiny(a):
+        if a.startswith("experts="):
+            return f"experts=[{','.join([str(ckpt)] * len(a.split(',')))}]"
+        return f"checkpoint={ckpt}" if a.startswith("checkpoint=") else a
+    return [tiny(a) for a in args]
 
 
 def test_gpu_preset_is_the_predecessors_model():
