@@ -5,6 +5,8 @@ matplotlib is an optional extra (`--extra plots`), so the core install stays sma
   think_sweep.png     val loss against think steps, one line per eval.json (from `uv run eval.py`)
   think_descent.png   the free energy F(z_k) along the think steps at a few val positions (checkpoint)
   candidates.png      the candidate distribution p before and after thinking at one val position (checkpoint)
+  chains.png          the contrastive chains' KL to the model after k steps (eval.json files with a chains part)
+  energy_gap.png      E_neg - E_pos over training, one line per contrastive run (`metrics`: metrics.jsonl files)
 """
 
 import json
@@ -26,7 +28,8 @@ from util import UserError, check_overrides, pick_device, run
 @dataclass
 class VizConfig:
     checkpoint: Optional[str] = "out_ebt/final.pt"  # for think_descent.png and candidates.png (null: skip)
-    evals: List[str] = field(default_factory=list)  # eval.json files for think_sweep.png
+    evals: List[str] = field(default_factory=list)  # eval.json files for think_sweep.png and chains.png
+    metrics: List[str] = field(default_factory=list)  # metrics.jsonl files of contrastive runs for energy_gap.png
     out_dir: str = "assets"
     think_steps: int = 16  # steps drawn in think_descent.png; candidates.png shows the model's think_steps
     positions: int = 6  # val positions in think_descent.png
@@ -38,11 +41,18 @@ class VizConfig:
 ConfigStore.instance().store(name="viz_schema", node=VizConfig)
 
 
-def plot_sweep(plt, evals, path):
-    for file in evals:
-        if not Path(file).is_file():
-            raise UserError(f"{file} not found: write it with `uv run eval.py checkpoint=...`")
-    results = [json.loads(Path(file).read_text()) for file in evals]
+def save(plt, fig, ax, path, xlabel, ylabel, title):
+    """Label the axes, add the legend and write the figure to path."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_sweep(plt, results, path):
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in results:
         rows = r["think_sweep"]
@@ -51,13 +61,36 @@ def plot_sweep(plt, evals, path):
     ax.set_xscale("symlog", linthresh=1)
     ks = sorted({row["think_steps"] for r in results for row in r["think_sweep"]})
     ax.set_xticks(ks, [str(k) for k in ks])
-    ax.set_xlabel("think steps K")
-    ax.set_ylabel("val loss (nats)")
-    ax.set_title("val loss against think steps")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(plt, fig, ax, path, "think steps K", "val loss (nats)", "val loss against think steps")
+
+
+def plot_chains(plt, results, path):
+    """KL(chains after k steps || softmax(-E / T)) against k, one line per eval.json and kind of start."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in results:
+        c = r["chains"]
+        for kind in ("cd", "pcd", "fast_pcd"):
+            if kind in c["rows"][0]:
+                label = f"{kind}, {Path(r['checkpoint']).parent.name} (step {c['step_size']:g})"
+                ax.plot([row["steps"] for row in c["rows"]], [row[kind]["kl"] for row in c["rows"]], marker="o",
+                        label=label)
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_yscale("symlog", linthresh=1e-3)
+    save(plt, fig, ax, path, "chain steps k", "mean KL(q_k || softmax(-E/T)) (nats)",
+         "how close the contrastive chains are to the model")
+
+
+def plot_energy_gap(plt, metrics, path):
+    """E_neg - E_pos (training batches, mean since the previous eval) against the step, one line per run."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for file in metrics:
+        rows = [json.loads(line) for line in Path(file).read_text().splitlines() if line.strip()]
+        rows = [r for r in rows if "energy_gap" in r]
+        if not rows:
+            raise UserError(f"{file} has no energy_gap: it comes from a run with model.use_contrastive=true")
+        ax.plot([r["step"] for r in rows], [r["energy_gap"] for r in rows], marker="o", label=Path(file).parent.name)
+    ax.axhline(0.0, color="gray", lw=0.5)
+    save(plt, fig, ax, path, "training step", "E_neg - E_pos", "energy of the negatives above that of the data")
 
 
 @torch.no_grad()
@@ -116,9 +149,20 @@ def visualise(cfg: VizConfig):
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
+    missing = [f for f in cfg.evals + cfg.metrics if not Path(f).is_file()]
+    if missing:
+        raise UserError(f"{missing[0]} not found: `uv run eval.py checkpoint=...` writes eval.json next to the "
+                        "checkpoint, train.py writes out_dir/metrics.jsonl")
     if cfg.evals:
-        plot_sweep(plt, cfg.evals, out / "think_sweep.png")
+        results = [json.loads(Path(file).read_text()) for file in cfg.evals]
+        plot_sweep(plt, results, out / "think_sweep.png")
         written.append(out / "think_sweep.png")
+        if any("chains" in r for r in results):
+            plot_chains(plt, [r for r in results if "chains" in r], out / "chains.png")
+            written.append(out / "chains.png")
+    if cfg.metrics:
+        plot_energy_gap(plt, cfg.metrics, out / "energy_gap.png")
+        written.append(out / "energy_gap.png")
     if cfg.checkpoint:
         model, vocab, run_cfg = load_model(cfg.checkpoint, pick_device(cfg.device, key="device"))
         _, val = train_val_split(torch.tensor(vocab.encode(load_text(run_cfg["data"]["data_path"])), dtype=torch.long))
@@ -134,7 +178,8 @@ def visualise(cfg: VizConfig):
         plot_candidates(plt, zs[0, t], zs[k, t], k, x, y, t, vocab, cfg.top, out / "candidates.png")
         written += [out / "think_descent.png", out / "candidates.png"]
     if not written:
-        raise UserError("nothing to plot: pass checkpoint=PATH and/or evals='[a/eval.json,b/eval.json]'")
+        raise UserError("nothing to plot: pass checkpoint=PATH, evals='[a/eval.json,b/eval.json]' and/or "
+                        "metrics='[a/metrics.jsonl]'")
     print("wrote " + ", ".join(str(p) for p in written))
     return written
 

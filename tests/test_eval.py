@@ -588,3 +588,19 @@ def test_evaluate_leaves_grad_mode_alone(trained):
         assert torch.is_grad_enabled()
     finally:
         torch.set_grad_enabled(True)
+
+
+def test_chains_part_reads_fast_weights_from_ckpt_pt(trained, tmp_path):
+    """A fast_pcd run's ckpt.pt gives a fast_pcd row (chains under W_E + fast weights, farther from the model
+    than pcd's at every k >= 1); final.pt has none; at k = 0 pcd and fast_pcd are the same noise."""
+    ckpt, ood = trained
+    corpus = write_corpus(tmp_path / "corpus.txt", n_chars=20_000, alphabet=ALPHABET)
+    run_train(TRAIN + [f"data.data_path={corpus}", f"out_dir={tmp_path / 'out'}", "model.use_contrastive=true",
+                       "model.contrastive_type=fast_pcd", "model.fast_weight_lr=5.0"])
+    rows = eval_mod.evaluate_checkpoint(eval_cfg(tmp_path / "out" / "ckpt.pt", ood, "chain_steps=[0,1,4]",
+                                                 "epsilons=[]"))["chains"]["rows"]
+    assert rows[0]["fast_pcd"]["kl"] == pytest.approx(rows[0]["pcd"]["kl"], rel=1e-6)
+    assert all(r["fast_pcd"]["kl"] > r["pcd"]["kl"] + 1e-4 for r in rows[1:]), rows
+    final = eval_mod.evaluate_checkpoint(eval_cfg(tmp_path / "out" / "final.pt", ood, "chain_steps=[0,1]",
+                                                  "epsilons=[]"))["chains"]
+    assert "fast_pcd" not in final["rows"][0] and final["step_size"] == 0.5 and final["temperature"] == 1.0

@@ -131,14 +131,20 @@ def run_with_extra(words, tmp_path, tiny_checkpoint):
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert (tmp_path / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (tmp_path / "study.md").exists()
         return None
-    evals = tmp_path / "eval.json"
+    evals, metrics = tmp_path / "eval.json", tmp_path / "cd" / "metrics.jsonl"
     evals.write_text(json.dumps(eval_mod.evaluate_checkpoint(compose_cfg("eval", [f"checkpoint={tiny_checkpoint}"]
                                                                           + TINY_EVAL))))
-    args = [f"checkpoint={tiny_checkpoint}" if a.startswith("checkpoint=") else
-            f"evals=[{evals}]" if a.startswith("evals=") else a for a in words[3:]]
+    if any(a.startswith("metrics=") for a in words[3:]):  # a tiny contrastive run logs energy_gap
+        run_train(TINY + ["model.use_contrastive=true", f"out_dir={metrics.parent}"])
+    args = [f"checkpoint={tiny_checkpoint}" if a.startswith("checkpoint=") and a != "checkpoint=null" else
+            f"evals=[{evals}]" if a.startswith("evals=") else
+            f"metrics=[{metrics}]" if a.startswith("metrics=") else a for a in words[3:]]
     proc = subprocess.run(["uv", "run", "--project", str(REPO), "--extra", "plots", str(REPO / "viz.py"), *args,
                            f"out_dir={tmp_path}", "think_steps=3"], cwd=tmp_path, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    for name in ("think_sweep.png", "think_descent.png", "candidates.png"):
-        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    plots = {"think_sweep.png": "evals=", "chains.png": "evals=", "energy_gap.png": "metrics=",
+             "think_descent.png": "checkpoint=", "candidates.png": "checkpoint="}
+    for name, key in plots.items():
+        if any(a.startswith(key) and a != "checkpoint=null" for a in words[3:]):
+            assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
