@@ -108,13 +108,26 @@ def evaluate_arm(cfg, path, tasks, device):
 
 
 def markdown(cfg, results):
-    """One row per arm, seed and method: exact match [95% interval] per bin, and the compute per task."""
+    """The mean over seeds per arm and method, then one row per arm, seed and method: exact match [95% interval]
+    per bin, and the compute per task."""
     bins = list(dyck.BINS)
     out = ["# Balanced brackets: does thinking help more out of distribution?", "",
            f"{cfg.tasks} held-out tasks per bin (dyck.eval_sets, seed {cfg.eval_seed}); exact match of the whole "
-           "completion and its newline, [95% bootstrap interval over tasks]; compute per task: transformer passes, "
-           "think steps (both in distribution)", "", "| arm | seed | method | " + " | ".join(bins) + " | passes | think steps |",
-           "|---" * (len(bins) + 5) + "|"]
+           "completion and its newline; compute per task: transformer passes, think steps (both in distribution)", "",
+           f"## mean over seeds {list(cfg.seeds)} [lowest, highest seed]", "",
+           "| arm | method | " + " | ".join(bins) + " | passes | think steps |", "|---" * (len(bins) + 4) + "|"]
+    for arm, by_seed in results.items():
+        runs = list(by_seed.values())
+        for label, first in runs[0]["methods"].items():
+            cells = []
+            for b in bins:
+                seeds = [r["methods"][label][b]["exact_match"]["mean"] for r in runs]
+                cells.append(f"{sum(seeds) / len(seeds):.3f} [{min(seeds):.2f}, {max(seeds):.2f}]")
+            b0 = first[bins[0]]
+            out.append(f"| {arm} | {label} | " + " | ".join(cells) +
+                       f" | {b0['passes_per_task']:.1f} | {b0['think_steps_per_task']:.1f} |")
+    out += ["", "## each seed [95% bootstrap interval over tasks]", "",
+            "| arm | seed | method | " + " | ".join(bins) + " | passes | think steps |", "|---" * (len(bins) + 5) + "|"]
     for arm, by_seed in results.items():
         for seed, r in by_seed.items():
             for label, by_bin in r["methods"].items():

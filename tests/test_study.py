@@ -42,7 +42,11 @@ def test_every_arm_seed_method_and_bin_is_scored(tiny_study):
     written = json.loads((out / "study.json").read_text())
     assert written["results"]["ebt_s2"]["1"]["methods"]["K=3, M=2"] == results["ebt_s2"][1]["methods"]["K=3, M=2"]
     table = (out / "study.md").read_text()
-    assert table.count("\n| ") == 1 + sum(len(v) for v in expected.values())  # header + a row each
+    rows = sum(len(v) for v in expected.values())
+    assert table.count("\n| ") == 2 * (1 + rows)  # the mean over seeds and each seed: a header and a row each
+    b = results["linear"][1]["methods"]["K=2"]
+    mean = b["in_distribution"]["exact_match"]["mean"]
+    assert f"| linear | K=2 | {mean:.3f} [{mean:.2f}, {mean:.2f}] |" in table  # one seed: its own value
 
 
 def test_plain_deep_has_more_layers_and_compute_is_counted(tiny_study):
