@@ -122,7 +122,7 @@ def markdown(cfg, results):
             cells = []
             for b in bins:
                 seeds = [r["methods"][label][b]["exact_match"]["mean"] for r in runs]
-                cells.append(f"{sum(seeds) / len(seeds):.3f} [{min(seeds):.2f}, {max(seeds):.2f}]")
+                cells.append(f"{sum(seeds) / len(seeds):.3f} [{min(seeds):.3f}, {max(seeds):.3f}]")
             b0 = first[bins[0]]
             out.append(f"| {arm} | {label} | " + " | ".join(cells) +
                        f" | {b0['passes_per_task']:.1f} | {b0['think_steps_per_task']:.1f} |")

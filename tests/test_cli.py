@@ -274,6 +274,7 @@ DOCUMENTED = {  # override -> (attribute path, expected value)
     "model.contrastive_weight=0.2": ("model.contrastive_weight", 0.2),
     "model.langevin_step_size=0.02": ("model.langevin_step_size", 0.02),
     "model.langevin_noise_scale=0.004": ("model.langevin_noise_scale", 0.004),
+    "model.langevin_temperature=0.5": ("model.langevin_temperature", 0.5),
     "model.n_layer=3": ("model.n_layer", 3),
     "model.n_head=8": ("model.n_head", 8),
     "model.n_embd=64": ("model.n_embd", 64),

@@ -46,7 +46,7 @@ def test_every_arm_seed_method_and_bin_is_scored(tiny_study):
     assert table.count("\n| ") == 2 * (1 + rows)  # the mean over seeds and each seed: a header and a row each
     b = results["linear"][1]["methods"]["K=2"]
     mean = b["in_distribution"]["exact_match"]["mean"]
-    assert f"| linear | K=2 | {mean:.3f} [{mean:.2f}, {mean:.2f}] |" in table  # one seed: its own value
+    assert f"| linear | K=2 | {mean:.3f} [{mean:.3f}, {mean:.3f}] |" in table  # one seed: its own value
 
 
 def test_plain_deep_has_more_layers_and_compute_is_counted(tiny_study):
