@@ -104,6 +104,7 @@ def make_energy(model, h, e, caches=None):
 
 
 def weighted_sum(weights, xs):
+    """sum_i w_i x_i: the products of experts' energies, energy vectors and gradients."""
     return sum(w * x for w, x in zip(weights, xs))
 
 
