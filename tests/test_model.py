@@ -7,7 +7,6 @@ import torch
 from torch.nn import functional as F
 
 import ebm
-from conftest import make_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
