@@ -257,21 +257,23 @@ class Runner:
             out.append(onehot_energies(self.model, h, e, caches).flatten(0, 1).float().cpu())
         return torch.cat(out)
 
-    def chain_kl(self, steps_list, start, fast_weight=None, step_size=None):
-        """KL(q_k || softmax(-E(x, v) / T)) (n_windows, T) of the contrastive chains after each k in steps_list
-        (chains from `start`: data or noise), T the model's softmax temperature: {k: KL}."""
-        kls = {k: [] for k in steps_list}
-        torch.manual_seed(self.seed)
+    def chain_kl(self, steps_list, kinds, step_size=None):
+        """KL(q_k || softmax(-E(x, v) / T)) (n_windows, T) of the contrastive chains after each k in steps_list,
+        T the model's softmax temperature, for each kind {name: (start, fast_weight)} (start: data or noise):
+        {name: {k: KL}}. The target is computed once per batch; every kind draws the same noise."""
+        kls = {name: {k: [] for k in steps_list} for name in kinds}
         for i, x in enumerate(self.batches()):
             h, e, caches = observe(self.model, x)
             y = self.y[i * self.bs : i * self.bs + x.size(0)].to(self.device)
             target = F.log_softmax(-onehot_energies(self.model, h, e, caches) / self.model.config.softmax_temperature, -1)
-            zs = sample_chains(self.model, h, e, y, caches, fast_weight=fast_weight, steps=max(steps_list),
-                               step_size=step_size, start=start)
-            for k in steps_list:
-                logq = F.log_softmax(zs[k], -1)
-                kls[k].append((logq.exp() * (logq - target)).sum(-1).double().cpu())
-        return {k: torch.cat(v) for k, v in kls.items()}
+            for name, (start, fast_weight) in kinds.items():
+                torch.manual_seed(self.seed + i)
+                zs = sample_chains(self.model, h, e, y, caches, fast_weight=fast_weight, steps=max(steps_list),
+                                   step_size=step_size, start=start)
+                for k in steps_list:
+                    logq = F.log_softmax(zs[k], -1)
+                    kls[name][k].append((logq.exp() * (logq - target)).sum(-1).double().cpu())
+        return {name: {k: torch.cat(v) for k, v in by_k.items()} for name, by_k in kls.items()}
 
     def sweep(self, steps_list, tuner=None):
         """Loss of the prediction after K think steps for each K, paired against K = 0. With a tuner (the tune
@@ -423,8 +425,7 @@ def chains_part(cfg, report):
         kinds["fast_pcd"] = ("noise", fast.to(report.device))
     part = {"step_size": m.langevin_step_size if cfg.chain_step_size is None else cfg.chain_step_size,
             "temperature": chain_temperature(m), "noise": m.langevin_noise_scale, "rows": []}
-    by_kind = {kind: report.chain_kl(cfg.chain_steps, start, fast, part["step_size"])
-               for kind, (start, fast) in kinds.items()}
+    by_kind = report.chain_kl(cfg.chain_steps, kinds, part["step_size"])
     for k in cfg.chain_steps:
         part["rows"].append({"steps": k, **{kind: {"kl": kl[k].mean().item(), "se": bootstrap_se(kl[k].mean(1))}
                                             for kind, kl in by_kind.items()}})
