@@ -67,6 +67,16 @@ class ModelConfig:
     pcd_reinit_prob: float = 0.05  # chance that a PCD chain (per position) restarts from noise
     fast_weight_lr: float = 0.05  # fast PCD: step of the fast weights
     fast_weight_decay: float = 0.95  # fast PCD: fast weights are multiplied by this every step
+    # architecture ablation (the parity study)
+    init: str = "gpt2"  # gpt2: N(0, 0.02), residual projections / sqrt(2 n_layer) | xavier: Xavier Linears, N(0, 1) embeddings
+    pos: str = "learned"  # learned (wpe) | rope
+    norm: str = "layer"  # layer | rms
+    mlp: str = "gelu"  # gelu | swiglu | relu2
+    mlp_hidden: float = 4.0  # MLP width in units of n_embd
+    tie_embeddings: bool = False  # W_E = -wte
+    slot_input: str = "marked"  # transformer energy: marked = cand + marker (+ wpe) | cand = the candidate alone
+    slot_pos: str = "same"  # transformer energy, rope: slot for x_{t+1} at x_t's position (same) or x_{t+1}'s (next)
+    step_token: bool = False  # transformer energy: the step embedding as a prepended token (else added to slots)
 
 
 class LayerNorm(nn.Module):
@@ -81,6 +91,36 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
 
 
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight: LayerNorm without centring or bias."""
+
+    def __init__(self, ndim, bias=False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * self.weight
+
+
+def make_norm(config):
+    return RMSNorm(config.n_embd) if config.norm == "rms" else LayerNorm(config.n_embd, bias=config.bias)
+
+
+def rotary_tables(head_size, length, base=10000.0):
+    """cos and sin (length, head_size / 2) of the rotary angles pos * base^(-2i / head_size)."""
+    inv_freq = base ** (-torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def rotate(x, cos, sin):
+    """Rotary embedding of x (..., T, hs) at the positions of cos, sin (T, hs / 2): the two halves of each head
+    turn as pairs of coordinates, by an angle that grows with the position."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -91,13 +131,16 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.dropout = config.dropout
+        self.rope = config.pos == "rope"
 
-    def forward(self, x, cache=None):
+    def forward(self, x, cache=None, rope=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if self.rope:
+            q, k = rotate(q, *rope), rotate(k, *rope)
         past = 0
         if cache is not None:
             past = cache.length
@@ -114,7 +157,7 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
         return self.resid_dropout(self.c_proj(y))
 
-    def candidates(self, x, cache):
+    def candidates(self, x, cache, rope=None):
         """
         Attention of candidate slots x (..., Tc, C) for the last Tc positions of the cached observed stream:
         the candidate for position t sees observed keys 0..t and itself, nothing else. Written out (no fused
@@ -124,13 +167,16 @@ class CausalSelfAttention(nn.Module):
         hs = C // self.n_head
         q, k, v = self.c_attn(x).split(self.n_embd, dim=-1)
         q, k, v = (t.view(*lead, Tc, self.n_head, hs).transpose(-2, -3) for t in (q, k, v))  # (..., nh, Tc, hs)
+        scale = 1.0 / math.sqrt(hs)
+        # a slot's query and its own key turn by the same angle, which cancels in their product
+        att_self = (q * k).sum(-1, keepdim=True) * scale  # (..., nh, Tc, 1)
+        if self.rope:
+            q = rotate(q, *rope)
         L = cache.length
         K, V = cache.k[:, :, :L], cache.v[:, :, :L]  # (B, nh, L, hs) observed keys and values
-        scale = 1.0 / math.sqrt(hs)
         att_obs = (q @ K.transpose(-2, -1)) * scale  # (..., nh, Tc, L)
         visible = torch.ones(Tc, L, dtype=torch.bool, device=x.device).tril(diagonal=L - Tc)
         att_obs = att_obs.masked_fill(~visible, float("-inf"))
-        att_self = (q * k).sum(-1, keepdim=True) * scale  # (..., nh, Tc, 1)
         att = F.softmax(torch.cat([att_obs, att_self], dim=-1), dim=-1)
         y = att[..., :L] @ V + att[..., L:] * v  # (..., nh, Tc, hs)
         y = y.transpose(-2, -3).reshape(*lead, Tc, C)
@@ -140,30 +186,38 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's form; on CPU several times cheaper than erf
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        hidden = int(config.mlp_hidden * config.n_embd)
+        self.kind = config.mlp
+        self.c_fc = nn.Linear(config.n_embd, (2 if self.kind == "swiglu" else 1) * hidden, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        if self.kind == "swiglu":
+            gate, up = self.c_fc(x).chunk(2, dim=-1)
+            x = F.silu(gate) * up
+        elif self.kind == "relu2":
+            x = F.relu(self.c_fc(x)).square()
+        else:
+            x = F.gelu(self.c_fc(x), approximate="tanh")
+        return self.dropout(self.c_proj(x))
 
 
 class Block(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache=None):
-        x = x + self.attn(self.ln_1(x), cache)
+    def forward(self, x, cache=None, rope=None):
+        x = x + self.attn(self.ln_1(x), cache, rope)
         x = x + self.mlp(self.ln_2(x))
         return x
 
-    def candidates(self, c, cache):
-        c = c + self.attn.candidates(self.ln_1(c), cache)
+    def candidates(self, c, cache, rope=None):
+        c = c + self.attn.candidates(self.ln_1(c), cache, rope)
         c = c + self.mlp(self.ln_2(c))
         return c
 
@@ -172,7 +226,8 @@ class LayerCache:
     """Keys and values of one attention layer for the tokens seen so far, preallocated to block_size."""
 
     def __init__(self, config, batch_size, device, dtype):
-        shape = (batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
+        extra = 1 if config.step_token else 0
+        shape = (batch_size, config.n_head, config.block_size + extra, config.n_embd // config.n_head)
         self.k = torch.empty(shape, device=device, dtype=dtype)
         self.v = torch.empty(shape, device=device, dtype=dtype)
         self.length = 0
@@ -185,32 +240,42 @@ class LayerCache:
         return self.k[:, :, : self.length], self.v[:, :, : self.length]
 
 
+class StepCaches(list):
+    """The step-token variant: the observed stream depends on the step (a prepended token), so each step
+    index gets its own caches, computed when first asked for."""
+
+    def __init__(self, model, idx, caches):
+        super().__init__(caches)
+        self.model, self.idx, self.by_step = model, idx, {}
+
+    def for_step(self, step):
+        last = self.model.step_embed.num_embeddings - 1
+        step = last if step is None else min(step, last)
+        if step not in self.by_step:
+            caches = self.model.new_caches(self.idx.size(0))
+            self.model(self.idx, caches, step_token=step)
+            self.by_step[step] = caches
+        return self.by_step[step]
+
+
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         assert config.vocab_size > 0 and config.block_size > 0
         self.config = config
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
-                drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-                ln_f=LayerNorm(config.n_embd, bias=config.bias),
-            )
-        )
+        modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
+        if config.pos == "learned":
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        modules.update(drop=nn.Dropout(config.dropout), h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                       ln_f=make_norm(config))
+        self.transformer = nn.ModuleDict(modules)
         # W_E (V x d, no bias): the energy of candidate token v at position t is e_t[v] = (W_E h_t)[v].
-        # Not tied to wte: the energy has the opposite sign of a logit, and tying would fight that.
         self.energy_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.energy == "mixture":
-            # g([h, ybar(p)]) -> scalar, and its weight beta. beta starts at 1 and g's output layer is small
-            # but non-zero, so that g and beta both get gradients from the first step
             self.mix_fc = nn.Linear(2 * config.n_embd, config.mixture_hidden)
             self.mix_proj = nn.Linear(config.mixture_hidden, 1, bias=False)  # a bias would only shift E
             self.mix_beta = nn.Parameter(torch.ones(()))
         if config.energy == "transformer":
-            # candidate slots: the expected embedding of the candidate + position + this marker; the energy
-            # is read from the slot's last hidden state
             self.cand_marker = nn.Parameter(torch.zeros(config.n_embd))
             self.energy_readout = nn.Linear(config.n_embd, 1, bias=False)
             if config.cand_embed == "linear":  # EBT's vocab_to_embed: its own map from p to the slot
@@ -219,33 +284,53 @@ class GPT(nn.Module):
                 self.step_embed = nn.Embedding(max(1, config.think_steps), config.n_embd)
         if config.think_lr_learnable:
             self.think_log_lr = nn.Parameter(torch.tensor(math.log(config.think_lr)))
+        if config.pos == "rope":
+            cos, sin = rotary_tables(config.n_embd // config.n_head, config.block_size + 2)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
-        # scaled init of the residual projections, as GPT-2
-        for pn, p in self.named_parameters():
-            if pn.endswith("c_proj.weight"):
-                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if config.init == "gpt2":  # scaled init of the residual projections, as GPT-2
+            for pn, p in self.named_parameters():
+                if pn.endswith("c_proj.weight"):
+                    torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
-            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if self.config.init == "xavier":
+                torch.nn.init.xavier_normal_(module.weight)
+            else:
+                torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
             if module.bias is not None:
                 torch.nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
-            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            torch.nn.init.normal_(module.weight, mean=0.0, std=1.0 if self.config.init == "xavier" else 0.02)
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx, caches=None):
+    def rope(self, start, T):
+        if self.config.pos != "rope":
+            return None
+        return self.rope_cos[start : start + T], self.rope_sin[start : start + T]
+
+    def forward(self, idx, caches=None, step_token=None):
         """Hidden states h_t (B, T, d) for tokens idx (B, T); with caches, idx continues the cached tokens."""
         B, T = idx.size()
         start = caches[0].length if caches is not None else 0
-        assert start + T <= self.config.block_size, f"{start + T} tokens > block_size {self.config.block_size}"
-        pos_emb = self.transformer.wpe.weight[start : start + T]  # (T, d): positions start..start+T-1
-        x = self.transformer.drop(self.transformer.wte(idx) + pos_emb)  # (B, T, d)
+        x = self.transformer.wte(idx)
+        if step_token is not None:
+            x = torch.cat([self.step_embed.weight[step_token].expand(B, 1, -1), x], dim=1)
+            T = T + 1
+        assert start + T <= self.config.block_size + (step_token is not None), \
+            f"{start + T} tokens > block_size {self.config.block_size}"
+        if self.config.pos == "learned":
+            x = x + self.transformer.wpe.weight[start : start + T]  # (T, d): positions start..start+T-1
+        x = self.transformer.drop(x)  # (B, T, d)
+        rope = self.rope(start, T)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, caches[i] if caches is not None else None)
-        return self.transformer.ln_f(x)  # (B, T, d)
+            x = block(x, caches[i] if caches is not None else None, rope)
+        x = self.transformer.ln_f(x)
+        return x if step_token is None else x[:, 1:]  # (B, T, d)
 
     def energies(self, h):
         """
@@ -254,6 +339,8 @@ class GPT(nn.Module):
         bfloat16's 8 bits of mantissa would round away.
         """
         with torch.autocast(h.device.type, enabled=False):
+            if self.config.tie_embeddings:  # the energy is minus the logit: e = -wte h
+                return F.linear(h.to(self.energy_head.weight.dtype), -self.transformer.wte.weight)
             return self.energy_head(h.to(self.energy_head.weight.dtype))
 
     def think_lr(self):
@@ -270,19 +357,24 @@ class GPT(nn.Module):
         """
         Transformer energy: scalar energies (..., Tc) of candidate embeddings cand (..., Tc, d) for the last Tc
         positions of the observed stream held in caches (its per-layer keys/values, computed once).
-        With energy_layers = n > 0 the slots enter at the top n blocks only: each think step then costs
-        n blocks instead of all of them. step: the think step's index, for the step embedding; None and
-        indices past the trained steps read the last step's landscape (as EBT does for extra steps).
         """
+        cfg = self.config
+        if cfg.step_token:
+            caches = caches.for_step(step)
         Tc, L = cand.size(-2), caches[0].length
-        pos = torch.arange(L - Tc, L, device=cand.device)
-        c = cand + self.transformer.wpe(pos) + self.cand_marker
-        if self.config.think_step_embed:
+        first_pos = L - Tc + (1 if cfg.slot_pos == "next" else 0)
+        c = cand
+        if cfg.slot_input == "marked":
+            c = c + self.cand_marker
+            if cfg.pos == "learned":
+                c = c + self.transformer.wpe(torch.arange(L - Tc, L, device=cand.device))
+        if cfg.think_step_embed and not cfg.step_token:
             last = self.step_embed.num_embeddings - 1
             c = c + self.step_embed.weight[last if step is None else min(step, last)]
-        first = self.config.n_layer - (self.config.energy_layers or self.config.n_layer)
+        rope = self.rope(first_pos, Tc)
+        first = cfg.n_layer - (cfg.energy_layers or cfg.n_layer)
         for block, cache in zip(self.transformer.h[first:], caches[first:]):
-            c = block.candidates(c, cache)
+            c = block.candidates(c, cache, rope)
         c = self.transformer.ln_f(c)
         with torch.autocast(c.device.type, enabled=False):  # the energy in float32, as energies()
             return self.energy_readout(c.to(self.energy_readout.weight.dtype)).squeeze(-1)
