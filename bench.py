@@ -98,7 +98,7 @@ def train_flops_per_token(model, T):
     """Forward + backward FLOPs per token, as nanoGPT's estimate: 6 per weight of every matmul (embedding
     lookups are not matmuls) plus 12 * n_layer * n_embd * T for attention's two T x T products."""
     c = model.config
-    embeddings = model.transformer.wte.weight.numel() + model.transformer.wpe.weight.numel()
+    embeddings = model.transformer.wte.weight.numel()
     return 6 * (model.num_params() - embeddings) + 12 * c.n_layer * c.n_embd * T
 
 

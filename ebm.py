@@ -467,9 +467,6 @@ def observe(model, idx):
     """
     caches = model.new_caches(idx.size(0)) if model.config.energy == "transformer" else None
     h = model(idx, caches)
-    if model.config.step_token:
-        from model import StepCaches
-        caches = StepCaches(model, idx, caches)
     return h, model.energies(h), caches
 
 

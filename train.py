@@ -24,7 +24,7 @@ from util import Processes, UserError, check_overrides, load_checkpoint, run, sa
 # what a resumed run must share with the checkpoint; any other change (a loss weight, a think option, the
 # learning rate, max_steps) is allowed and printed as a note
 # (model.block_size and model.vocab_size follow data.block_size and the vocabulary, checked beside these)
-ARCHITECTURE = ("n_layer", "n_head", "n_embd", "bias", "energy", "mixture_hidden", "think_lr_learnable",
+ARCHITECTURE = ("n_layer", "n_head", "n_embd", "energy", "mixture_hidden", "think_lr_learnable",
                 "cand_embed", "think_step_embed")
 
 

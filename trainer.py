@@ -61,9 +61,7 @@ ConfigStore.instance().store(name="train_schema", node=RunConfig)
 CHOICES = {  # model.* keys that name one of a few options
     "energy": ("linear", "mixture", "transformer"), "contrastive_type": ("cd", "pcd", "fast_pcd"),
     "think_rule": ("free_energy", "ebt"), "think_start": ("s1", "noise", "zeros"), "think_clip": ("hard", "smooth"),
-    "verify_by": ("free_energy", "energy"), "cand_embed": ("wte", "linear"),
-    "init": ("gpt2", "xavier"), "pos": ("learned", "rope"), "norm": ("layer", "rms"), "mlp": ("gelu", "swiglu", "relu2"),
-    "slot_input": ("marked", "cand"), "slot_pos": ("same", "next")}
+    "verify_by": ("free_energy", "energy"), "cand_embed": ("wte", "linear")}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

@@ -146,6 +146,9 @@ def load_checkpoint(path, map_location="cpu"):
     if not isinstance(ckpt, dict) or not required <= ckpt.keys():
         raise UserError(f"checkpoint {path} is not a nanoEBM checkpoint (it lacks {sorted(required)}); "
                         "pass one written by train.py")
+    if "transformer.wpe.weight" in ckpt["model"]:  # learned positions: only the GPT-2 block had them
+        raise UserError(f"checkpoint {path} holds the earlier GPT-2-block model (learned positions, LayerNorm, "
+                        "GELU), which this version replaced by a Llama-style block (docs/parity.md): retrain it")
     return ckpt
 
 

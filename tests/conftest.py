@@ -26,7 +26,7 @@ def make_model(seed=0, dtype=torch.float64, **overrides):
 
 def perturb(model, scale=0.15, seed=0):
     """Add N(0, scale^2) to every parameter: attention stops being uniform, and the energies' own parameters
-    (mixture g, the candidate marker, step embeddings) stop being ~0, so that they matter."""
+    (mixture g, the energy readout, step embeddings) stop being ~0, so that they matter."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():

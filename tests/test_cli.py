@@ -364,6 +364,10 @@ def bad_runs(tmp_path_factory):
     ck = load_ckpt(good)
     ck["config"]["model"]["n_layer"] = 2  # the weights are for one layer
     torch.save(ck, incompatible)
+    old_block = tmp / "gpt2_block.pt"  # a checkpoint of the model before the Llama-style block
+    ck = load_ckpt(good)
+    ck["model"]["transformer.wpe.weight"] = torch.zeros(16, 32)
+    torch.save(ck, old_block)
     missing_shakespeare = tmp / "nodata" / "shakespeare.txt"
     missing_shakespeare.parent.mkdir()
     tiny = [*TINY, f"data.data_path={corpus}", f"out_dir={tmp / 'out'}"]
@@ -391,6 +395,7 @@ def bad_runs(tmp_path_factory):
         "corrupt_checkpoint": (["sample.py", f"checkpoint={truncated}"], {}),
         "foreign_checkpoint": (["sample.py", f"checkpoint={foreign}"], {}),
         "incompatible_checkpoint": (["sample.py", f"checkpoint={incompatible}"], {}),
+        "old_architecture_checkpoint": (["eval.py", f"checkpoint={old_block}"], {}),
         "code_in_checkpoint": (["sample.py", f"checkpoint={evil_zip}"], {}),
         "code_in_pickle": (["sample.py", f"checkpoint={evil_pickle}"], {}),
         "unquoted_comma_prompt": (["sample.py", f"checkpoint={good}", "prompt=Hello,", "world"], {}),
@@ -433,6 +438,7 @@ BAD = {  # case -> substrings the one error line must contain
     "corrupt_checkpoint": ["corrupt"],
     "foreign_checkpoint": ["not a nanoEBM checkpoint"],
     "incompatible_checkpoint": ["does not fit"],
+    "old_architecture_checkpoint": ["GPT-2-block model", "retrain"],
     "code_in_checkpoint": ["refus"],
     "code_in_pickle": ["refus"],
     "unquoted_comma_prompt": ["'prompt=\"Hello, world\"'"],

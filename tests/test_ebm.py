@@ -238,7 +238,8 @@ def cd_vs_ce_gradients(ks, tau, lr=0.1):
                         softmax_temperature=1.0, langevin_noise_scale=0.0, contrastive_reg=0.0,
                         langevin_step_size=lr)
     with torch.no_grad():
-        model.energy_head.weight.mul_(30)  # peaked softmax(-e): the CD start (the data) is far from it
+        model.energy_head.weight.mul_(0.6 / model.energy_head.weight.std())  # peaked softmax(-e): the CD
+        # start (the data) is far from it
     idx, targets = seq_batch(B=4, seed=1)
     params = list(model.parameters())
     h = model(idx)
@@ -378,7 +379,7 @@ def test_contrastive_phases_use_the_energy_thinking_uses(energy):
     linear = e.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - (q * e).sum(-1)
     assert (cd - linear).abs().max() > 1e-4  # not the linear head's energies
     own = ["mix_fc.weight", "mix_proj.weight", "mix_beta"] if energy == "mixture" else \
-          ["energy_readout.weight", "cand_marker", "transformer.h.1.attn.c_attn.weight"]
+          ["energy_readout.weight", "transformer.h.0.mlp.c_fc.weight", "transformer.h.1.attn.c_attn.weight"]
     named = dict(model.named_parameters())
     grads = torch.autograd.grad(cd.mean(), [named[n] for n in own])
     for name, g in zip(own, grads):

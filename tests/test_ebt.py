@@ -123,14 +123,15 @@ def test_s2_recipe_double_backward_reaches_parameters(truncate):
     params = [p for p in model.parameters()]
     grads = torch.autograd.grad(s2_loss(model, idx, targets), params, allow_unused=True)
     named = {n: g for (n, _), g in zip(model.named_parameters(), grads)}
-    for n in ("energy_readout.weight", "cand_proj.weight", "cand_marker", "transformer.h.0.attn.c_attn.weight"):
+    for n in ("energy_readout.weight", "cand_proj.weight", "transformer.h.0.mlp.c_fc.weight",
+              "transformer.h.0.attn.c_attn.weight"):
         assert named[n] is not None and named[n].abs().max() > 0, n
     if truncate:
         return
     gen = torch.Generator().manual_seed(3)
     direction = [torch.randn(p.shape, dtype=D, generator=gen) for p in params]
     analytic = sum((g * d).sum() for g, d in zip(grads, direction) if g is not None)
-    eps = 1e-5
+    eps = 1e-7  # the truncation error of a central difference grows with the curvature: 1e-5 is 1e-3 off here
 
     def shifted(sign):
         with torch.no_grad():

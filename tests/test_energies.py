@@ -10,6 +10,7 @@ import ebm
 import train as train_mod
 from conftest import assert_no_leak, make_model, perturb
 from helpers import TINY_MODEL, run_train, write_corpus
+from model import rotary, rotate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -174,12 +175,15 @@ def test_mixture_thinking_can_change_the_argmax():
 # 2. transformer energy (EBT)
 
 
-def reference_attention(attn, x, mask):
-    """Causal self-attention written out with an explicit boolean mask (S, S): True = may attend."""
+def reference_attention(attn, x, mask, pos):
+    """Causal self-attention written out with an explicit boolean mask (S, S) (True = may attend) and the rotary
+    position pos (S,) of each token: queries and keys turned by their own positions' angles."""
     B, S, C = x.shape
     nh, hs = attn.n_head, C // attn.n_head
     q, k, v = attn.c_attn(x).split(C, dim=2)
     q, k, v = (t.view(B, S, nh, hs).transpose(1, 2) for t in (q, k, v))
+    cos, sin = rotary(hs, int(pos.max()) + 1)
+    q, k = rotate(q, cos[pos], sin[pos]), rotate(k, cos[pos], sin[pos])
     att = (q @ k.transpose(-2, -1)) / math.sqrt(hs)
     att = F.softmax(att.masked_fill(~mask, float("-inf")), dim=-1)
     y = (att @ v).transpose(1, 2).reshape(B, S, C)
@@ -189,16 +193,16 @@ def reference_attention(attn, x, mask):
 def reference_transformer_energy(model, idx, p):
     """
     E (B, T) recomputed from scratch over the doubled sequence [observed | candidates] with a (2T x 2T) mask:
-    observed i sees observed 0..i; candidate slot t sees observed 0..t and itself.
+    observed i sees observed 0..i; candidate slot t, at x_{t+1}'s rotary position, sees observed 0..t and itself.
     """
     T = idx.size(1)
     tr = model.transformer
     pos = torch.arange(T)
-    obs = tr.wte(idx) + tr.wpe(pos)
+    obs = tr.wte(idx)
     first = len(tr.h) - (model.config.energy_layers or len(tr.h))
     for block in tr.h[:first]:  # energy_layers: the candidate slots join at the top blocks only
-        obs = block(obs)
-    cand = p @ tr.wte.weight + tr.wpe(pos) + model.cand_marker
+        obs = block(obs, model.rope(0, T))
+    cand = p @ tr.wte.weight
     x = torch.cat([obs, cand], dim=1)  # (B, 2T, d)
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     mask = torch.zeros(2 * T, 2 * T, dtype=torch.bool)
@@ -206,7 +210,7 @@ def reference_transformer_energy(model, idx, p):
     mask[T:, :T] = causal
     mask[T:, T:] = torch.eye(T, dtype=torch.bool)
     for block in tr.h[first:]:
-        x = x + reference_attention(block.attn, block.ln_1(x), mask)
+        x = x + reference_attention(block.attn, block.ln_1(x), mask, torch.cat([pos, pos + 1]))
         x = x + block.mlp(block.ln_2(x))
     return model.energy_readout(tr.ln_f(x[:, T:])).squeeze(-1)
 
@@ -240,7 +244,7 @@ def test_transformer_energy_reuse_equals_recompute(energy_layers):
     for name, a, b in zip(names, g, g_ref):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-11), name
     nonzero = {n for n, a in zip(names, g) if a.abs().max() > 0}
-    assert {"cand_marker", "energy_readout.weight", "transformer.wte.weight",
+    assert {"transformer.h.0.mlp.c_fc.weight", "energy_readout.weight", "transformer.wte.weight",
             "transformer.h.0.attn.c_attn.weight", "transformer.h.1.mlp.c_fc.weight"} <= nonzero
 
 
@@ -290,7 +294,7 @@ def test_transformer_training_double_backward():
     _, loss = one_train_loss(model, idx, targets)
     loss.backward()
     named = dict(model.named_parameters())
-    for name in ("energy_readout.weight", "cand_marker", "transformer.wte.weight", "transformer.wpe.weight",
+    for name in ("energy_readout.weight", "transformer.wte.weight",
                  "transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.weight",
                  "transformer.h.1.mlp.c_fc.weight", "transformer.ln_f.weight", "energy_head.weight"):
         g = named[name].grad
@@ -299,7 +303,7 @@ def test_transformer_training_double_backward():
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-@pytest.mark.parametrize("param,index", [("energy_readout.weight", (0, 3)), ("cand_marker", (5,)),
+@pytest.mark.parametrize("param,index", [("energy_readout.weight", (0, 3)), ("transformer.wte.weight", (3, 5)),
                                          ("transformer.h.1.attn.c_attn.weight", (40, 7))])
 def test_transformer_thinking_loss_gradient_matches_finite_difference(param, index):
     """d(thinking CE)/d(one scalar parameter) by double backward equals a central finite difference (float64)."""
@@ -340,7 +344,7 @@ def test_transformer_candidates_do_not_use_fused_sdpa(monkeypatch):
     zs = ebm.system2_logits(model, h, e, 2, caches, training=True)
     loss = F.cross_entropy(zs[-1].flatten(0, 1), targets.flatten())
     loss.backward()
-    assert model.energy_readout.weight.grad.abs().max() > 0 and model.cand_marker.grad.abs().max() > 0
+    assert model.energy_readout.weight.grad.abs().max() > 0 and model.transformer.wte.weight.grad.abs().max() > 0
 
 
 @pytest.mark.parametrize("samples", [1, 3])

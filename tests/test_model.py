@@ -60,6 +60,49 @@ def test_kv_cache_float32(tiny_factory):
     assert torch.allclose(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-5)
 
 
+def test_kv_cache_continues_rotary_positions_after_a_rebuild(tiny_model):
+    """A new cache filled with a later window (as generate rebuilds it) gives that window's own full pass: positions
+    restart at 0 in a new cache and continue from cache.length in single-token steps."""
+    idx = tokens(2, 40, seed=3)
+    with torch.no_grad():
+        for start in (0, 8, 24):  # windows of block_size tokens starting anywhere in the text
+            window = idx[:, start:start + BS]
+            caches = tiny_model.new_caches(2)
+            parts = [tiny_model(window[:, :BS // 2], caches)]
+            parts += [tiny_model(window[:, t:t + 1], caches) for t in range(BS // 2, BS)]
+            assert torch.allclose(torch.cat(parts, 1), tiny_model(window), rtol=0, atol=1e-10)
+
+
+def test_rotary_attention_sees_relative_positions(tiny_model):
+    """Rotary positions: a query at t and a key at s meet in q . k by t - s only (a shift of both changes nothing),
+    and the tables' rotation keeps lengths (each pair turns, it does not stretch)."""
+    from model import rotate
+    g = torch.Generator().manual_seed(4)
+    q, k = (torch.randn(3, 16, dtype=torch.float64, generator=g) for _ in range(2))  # 16 = head size of TINY
+
+    def score(t, s):
+        return (rotate(q, *tiny_model.rope(t, 1)) * rotate(k, *tiny_model.rope(s, 1))).sum(-1)
+
+    for t, s, shift in [(5, 2, 3), (9, 9, 6), (0, 7, 8)]:
+        assert torch.allclose(score(t, s), score(t + shift, s + shift), rtol=0, atol=1e-6)
+    assert not torch.allclose(score(5, 2), score(5, 3), rtol=0, atol=1e-3)  # the distance does matter
+    turned = rotate(q, *tiny_model.rope(11, 1))
+    assert torch.allclose(turned.norm(dim=-1), q.norm(dim=-1), rtol=1e-6)
+
+
+def test_hidden_states_have_no_leak(tiny_model):
+    """h_t depends on x_0..x_t only: changing the tokens after t leaves every h at positions <= t as it was."""
+    idx = tokens(2, BS, seed=5)
+    with torch.no_grad():
+        h = tiny_model(idx)
+        for t in (0, 6, 14):
+            idx2 = idx.clone()
+            idx2[:, t + 1:] = (idx[:, t + 1:] + 1) % V
+            h2 = tiny_model(idx2)
+            assert torch.allclose(h2[:, :t + 1], h[:, :t + 1], rtol=0, atol=1e-12)
+            assert (h2[:, t + 1:] - h[:, t + 1:]).abs().amax(-1).min() > 1e-6
+
+
 def test_forward_refuses_more_than_block_size(tiny_model):
     """Feeding past block_size (with or without a cache) fails loudly instead of indexing garbage."""
     with pytest.raises(AssertionError):
