@@ -288,8 +288,12 @@ class Runner:
             rows.append({"think_steps": k, **summary(self.losses(run.zk), base),
                          "us_per_token": 1e6 * run.seconds})
             if tuner is not None:
-                rows[-1]["temperature"] = best_temperature(tuner.logits(k).zk, tuner.targets)
+                tune_zk = tuner.logits(k).zk
+                rows[-1]["temperature"] = best_temperature(tune_zk, tuner.targets)
                 tuned[k] = self.losses(run.zk / rows[-1]["temperature"])
+                # every window, both slices: the figure other code scores on the same characters would give
+                both = torch.cat([self.losses(run.zk).flatten(), tuner.losses(tune_zk).flatten()])
+                rows[-1]["loss_all_windows"] = both.mean().item()
         trained = self.model.config.think_steps
         ref = trained if trained in tuned else steps_list[0]
         if tuned:
@@ -584,12 +588,13 @@ def markdown(r):
            f"characters ({r['report_windows']} report windows), since neighbouring characters are correlated", "",
            "## think sweep (each K also at its own best temperature, chosen on the tune slice)",
            f"| think_steps | val loss | bits/char | vs K=0 | µs/token | best T | val loss at best T | "
-           f"vs K={r['think_sweep'][0]['at_temperature']['vs_think_steps']} at its best T |", "|---" * 8 + "|"]
+           f"vs K={r['think_sweep'][0]['at_temperature']['vs_think_steps']} at its best T | all windows |",
+           "|---" * 9 + "|"]
     for row in r["think_sweep"]:
         tuned = row["at_temperature"]
         out.append(f"| {row['think_steps']} | {num(row['loss'])} ± {row['se']:.4f} | {num(row['bits_per_char'])} | "
                    f"{delta(row)} | {row['us_per_token']:.1f} | {row['temperature']:.3f} | {num(tuned['loss'])} | "
-                   f"{delta(tuned)} |")
+                   f"{delta(tuned)} | {num(row['loss_all_windows'])} |")
     t = r["temperature_control"]
     out += ["", f"## temperature-matched control (K={t['think_steps']}; temperatures chosen on the tune slice)",
             "| prediction | temperature | val loss | vs raw System 1 |", "|---|---|---|---|",

@@ -11,6 +11,7 @@ from helpers import TINY, compose_cfg, run_train, write_corpus
 
 import ebm
 import eval as eval_mod  # noqa: E402  (registers the eval_schema config node; the module, not the builtin)
+from trainer import load_model
 from util import UserError
 
 PARTS = {"think_sweep", "temperature_control", "self_verification", "exact_verifier", "uncertainty", "adaptive",
@@ -456,7 +457,7 @@ def test_corrupt_zero_copies_val(trained):
     """corrupt=0: the corrupted copy of val is val itself, so its sweep equals the think sweep."""
     ckpt, ood = trained
     r = eval_mod.evaluate_checkpoint(eval_cfg(ckpt, ood, "corrupt=0.0", "samples=[1]", "epsilons=[]"))
-    untuned = TIMINGS | {"temperature", "at_temperature"}  # only val's sweep is also tuned
+    untuned = TIMINGS | {"temperature", "at_temperature", "loss_all_windows"}  # only val's sweep uses the tune slice
     assert figures(r["ood"]["corrupted_val"]["sweep"], untuned) == figures(r["think_sweep"], untuned)
 
 
@@ -604,3 +605,16 @@ def test_chains_part_reads_fast_weights_from_ckpt_pt(trained, tmp_path):
     final = eval_mod.evaluate_checkpoint(eval_cfg(tmp_path / "out" / "final.pt", ood, "chain_steps=[0,1]",
                                                   "epsilons=[]"))["chains"]
     assert "fast_pcd" not in final["rows"][0] and final["step_size"] == 0.5 and final["temperature"] == 1.0
+
+
+def test_loss_all_windows_scores_every_window(trained, trained_result):
+    """loss_all_windows is the mean loss of the prediction over every window of the first max_tokens val
+    characters, the tune slice's too, as another program scoring those characters would compute it."""
+    ckpt, _ = trained
+    model, vocab, cfg = load_model(ckpt, "cpu")
+    x, y, tune = eval_mod.val_windows(cfg, vocab, model.config.block_size, 2048)
+    assert tune.any() and (~tune).any()
+    for row in trained_result["think_sweep"]:
+        with torch.no_grad():
+            ce = ebm.losses(model, x, y, think_steps=row["think_steps"])["ce"]
+        assert abs(row["loss_all_windows"] - ce.mean().item()) < 1e-5
