@@ -207,6 +207,7 @@ class Processes:
     def close(self):
         if dist.is_initialized():
             dist.destroy_process_group()
+        self.flags = None  # no reference to a destroyed group lives on into the interpreter's exit
 
 
 def bootstrap_means(values, resamples=1000, seed=0):
