@@ -82,8 +82,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(ndim))
 
     def forward(self, x):
-        xf = x.float() if x.element_size() < 4 else x  # the mean square in float32 (or float64), not bfloat16
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).type_as(x) * self.weight
+        if x.element_size() < 4:  # the mean square in float32, not bfloat16
+            return F.rms_norm(x.float(), x.shape[-1:], eps=1e-5).type_as(x) * self.weight
+        return F.rms_norm(x, x.shape[-1:], self.weight, 1e-5)
 
 
 def rotary(head_size, length, base=10000.0):
@@ -117,11 +118,11 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, rope, cache=None):
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        qk, v = self.c_attn(x).split(2 * self.n_embd, dim=2)
+        # queries and keys turned to their positions in one go (the cache holds turned keys)
+        qk = rotate(qk.view(B, T, 2 * self.n_head, C // self.n_head).transpose(1, 2), *rope)  # (B, 2 nh, T, hs)
+        q, k = qk.split(self.n_head, dim=1)  # (B, nh, T, hs) each
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        q, k = rotate(q, *rope), rotate(k, *rope)  # at their positions (the cache holds turned keys)
         past = 0
         if cache is not None:
             past = cache.length
@@ -180,10 +181,10 @@ class LayerCache:
 
     def append(self, k, v):
         T = k.size(2)
-        self.k[:, :, self.length : self.length + T] = k
-        self.v[:, :, self.length : self.length + T] = v
+        self.k.narrow(2, self.length, T).copy_(k)
+        self.v.narrow(2, self.length, T).copy_(v)
         self.length += T
-        return self.k[:, :, : self.length], self.v[:, :, : self.length]
+        return self.k.narrow(2, 0, self.length), self.v.narrow(2, 0, self.length)
 
 
 class GPT(nn.Module):
@@ -343,17 +344,21 @@ def candidate_attention(attn, x, cache, rope):
     """
     *lead, Tc, C = x.shape
     hs = C // attn.n_head
-    q, k, v = attn.c_attn(x).split(attn.n_embd, dim=-1)
-    q, k, v = (t.view(*lead, Tc, attn.n_head, hs).transpose(-2, -3) for t in (q, k, v))  # (..., nh, Tc, hs)
-    q, k = rotate(q, *rope), rotate(k, *rope)  # at the slots' own positions
-    scale = 1.0 / math.sqrt(hs)
+    qk, v = attn.c_attn(x).split(2 * attn.n_embd, dim=-1)
+    qk = rotate(qk.view(*lead, Tc, 2 * attn.n_head, hs).transpose(-2, -3), rope[0], rope[1])  # (..., 2 nh, Tc, hs)
+    q, k = qk.split(attn.n_head, dim=-3)  # (..., nh, Tc, hs) each, at the slots' own positions
+    v = v.view(*lead, Tc, attn.n_head, hs).transpose(-2, -3)  # (..., nh, Tc, hs)
+    q = q / math.sqrt(hs)  # scaled here, not in the (Tc, L) scores: one big elementwise op fewer each way
     L = cache.length
     K, V = cache.k[:, :, :L], cache.v[:, :, :L]  # (B, nh, L, hs) observed keys (turned) and values
-    att_obs = (q @ K.transpose(-2, -1)) * scale  # (..., nh, Tc, L)
-    visible = torch.ones(Tc, L, dtype=torch.bool, device=x.device).tril(diagonal=L - Tc)
-    att_obs = att_obs.masked_fill(~visible, float("-inf"))
-    att_self = (q * k).sum(-1, keepdim=True) * scale  # (..., nh, Tc, 1)
-    att = F.softmax(torch.cat([att_obs, att_self], dim=-1), dim=-1)
-    y = att[..., :L] @ V + att[..., L:] * v  # (..., nh, Tc, hs)
+    # scores at least in float32 (as softmax under autocast): adding the float32 mask promotes bfloat16
+    hidden = torch.full((Tc, L), float("-inf"), device=x.device).triu(diagonal=L - Tc + 1)  # keys past t
+    att_obs = q @ K.transpose(-2, -1) + hidden  # (..., nh, Tc, L)
+    att_self = (q * k).sum(-1, keepdim=True).to(att_obs.dtype)  # (..., nh, Tc, 1)
+    # softmax over [observed keys, itself] without concatenating the two: a cat and its slicing backward
+    # would each copy or zero-fill the whole (Tc, L + 1) matrix in the backward and the double backward
+    top = torch.maximum(att_obs.amax(-1, keepdim=True), att_self).detach()  # cancels out: no gradient
+    w_obs, w_self = (att_obs - top).exp(), (att_self - top).exp()
+    y = (w_obs @ V + w_self * v) / (w_obs.sum(-1, keepdim=True) + w_self)  # (..., nh, Tc, hs)
     y = y.transpose(-2, -3).reshape(*lead, Tc, C)
     return attn.resid_dropout(attn.c_proj(y))
