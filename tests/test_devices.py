@@ -352,3 +352,26 @@ def test_matmul_peak_in_the_training_dtype(one_thread):
     """bench.matmul_peak measures a positive FLOP/s in float32 and in bfloat16 on CPU."""
     for dtype in ("float32", "bfloat16"):
         assert bench.matmul_peak("cpu", dtype, repeats=1) > 0
+
+
+def test_flop_count_of_a_matmul_and_its_gradients(one_thread):
+    """bench.counted_flops: 2mnk for an (m, k) @ (k, n) matmul; its backward adds twice that (both inputs)."""
+    a, b = torch.randn(3, 5, requires_grad=True), torch.randn(5, 7, requires_grad=True)
+    assert bench.counted_flops(lambda: a @ b) == 2 * 3 * 5 * 7
+    assert bench.counted_flops(lambda: (a @ b).sum().backward()) == 3 * 2 * 3 * 5 * 7
+
+
+def test_flop_count_sees_the_double_backward(one_thread, tmp_path):
+    """An EBT step is counted with its dE/dp (autograd.grad with create_graph) and the backward through it:
+    with 2 think steps through every block, over 3 times the FLOPs of the same model's step without them."""
+    from helpers import TINY_MODEL, compose_cfg, write_corpus
+    from trainer import setup, train_step
+
+    corpus = write_corpus(tmp_path / "corpus.txt", n_chars=2000)
+    cfg = compose_cfg("train", TINY_MODEL + ["preset=ebt", "data.block_size=8", "data.batch_size=2",
+                                             f"data.data_path={corpus}"])
+    _, data, model, optimizer, state = setup(cfg)
+    x, y = data.batch("train", 2, torch.Generator().manual_seed(0), "cpu")
+    flops = {k: bench.counted_flops(lambda: train_step(model, optimizer, x, y, state, cfg, think_steps=k))
+             for k in (0, 2)}
+    assert flops[2] > 3 * flops[0] > 0
