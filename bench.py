@@ -203,7 +203,8 @@ def bench_training(cfg, b):
 
 
 def bench_variants(cfg, b, batches, device):
-    """Training tokens/s of the command's model: float32 eager, compiled, and each of b.dtypes."""
+    """Training tokens/s of the command's model: float32 eager, compiled, and each of b.dtypes. Returns the
+    table and the model (generation times it next)."""
     _, _, model, optimizer, state = setup(cfg)
     f32 = copy.deepcopy(cfg)
     f32.train.dtype = "float32"  # the rows named float32 are float32 whatever train.dtype says
@@ -217,7 +218,7 @@ def bench_variants(cfg, b, batches, device):
         c.train.dtype = dtype
         check_dtype(dtype, torch.device(device).type, cfg.model.energy)  # one line if this device cannot
         settings[f"{dtype} eager"] = (model, optimizer, state, c)
-    return interleaved(settings, batches, b, device)
+    return interleaved(settings, batches, b, device), model
 
 
 def profile_training(model, optimizer, state, cfg, batches, steps=5):
@@ -255,20 +256,20 @@ def generation_speed(model, prompt, b, k, cache=True, compile=False):
             "peak_memory_mb": peak_memory_mb(device)}
 
 
-def bench_generation(settings, data, cfg, b, device):
+def bench_generation(settings, model, data, cfg, b, device):
     """Per mode: greedy batch-1 tokens/s with the KV cache and FLOPs per generated token (counted over
     b.gen_tokens new tokens, cache rebuilds included, the prompt's pass not), thinking b.gen_think_steps
-    steps (plain: none). Then the command's model without the cache and, with b.compile, compiled."""
+    steps (plain: none). Then the command's model (model) without the cache and, with b.compile, compiled."""
     out = {}
     prompt = data.splits["val"][: cfg.data.block_size // 2].view(1, -1).to(device)
-    for mode, (model, *_) in settings.items():
-        model.eval()
+    for mode, (mode_model, *_) in settings.items():
+        mode_model.eval()
         k = 0 if mode == "plain" else b.gen_think_steps
-        out[f"{mode} K={k}"] = generation_speed(model, prompt, b, k)
+        out[f"{mode} K={k}"] = generation_speed(mode_model, prompt, b, k)
         n = b.gen_tokens
-        flops = [counted_flops(lambda: generate(model, prompt, tokens, k)) for tokens in (1, n + 1)]
+        flops = [counted_flops(lambda: generate(mode_model, prompt, tokens, k)) for tokens in (1, n + 1)]
         out[f"{mode} K={k}"]["flops_per_token"] = (flops[1] - flops[0]) / n
-    model = setup(cfg)[2].eval()  # the command's model
+    model.eval()
     K = b.gen_think_steps
     out[f"command's model K={K} uncached"] = generation_speed(model, prompt, b, K, cache=False)
     if b.compile:
@@ -291,10 +292,10 @@ def bench(cfg: BenchRun):
         "mfu": {"flops_per_step": t["flops_per_step"], "achieved_flops": achieved, "matmul_peak_flops": peak,
                 "matmul_peak_dtype": cfg.train.dtype, "fraction_of_peak": achieved / peak},
     })
-    result["variants"] = bench_variants(cfg, b, batches, device)
+    result["variants"], model = bench_variants(cfg, b, batches, device)
     if b.profile:
         result["profile"] = profile_training(*settings["plain"], batches)
-    result["generate"] = bench_generation(settings, data, cfg, b, device)
+    result["generate"] = bench_generation(settings, model, data, cfg, b, device)
     result["peak_memory_mb"] = peak_memory_mb(device)
     print(report(result, b))
     out = Path(cfg.out_dir)
