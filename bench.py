@@ -6,7 +6,7 @@ What thinking costs, counted and measured side by side: `uv run bench.py [train 
    (matmuls and attention, forward, backward and double backward; elementwise work counts zero), and
    ms/step and tokens/s, the modes interleaved (plain, linear, ..., plain, linear, ...) so that a noisy
    machine slows all alike; the median of bench.repeats windows. Ratios are against plain, both counted
-   and timed.
+   and timed. With train.compile=true every mode trains compiled (trainer.compiled).
 2. Model FLOPs utilisation: plain's counted FLOP/s as a fraction of a matmul peak measured here in
    train.dtype, on the same machine, a moment before.
 3. Training tokens/s of the command's model (the config as composed, no mode applied) in float32 eager,
@@ -179,27 +179,30 @@ def interleaved(settings, batches, b, device):
 
 def bench_training(cfg, b):
     """Per mode: counted FLOPs per training step (the mean over b.steps steps: EBT's S2 draws its number of
-    think steps) and ms/step, the modes interleaved; ratios against plain. Returns the table and each mode's
-    setting (model, optimizer, chain state, config), the data, the batches and the device."""
-    settings, batches = {}, None
+    think steps) and ms/step, the modes interleaved, compiled with train.compile (the FLOPs are counted eager
+    first: compiled kernels bypass the dispatcher); ratios against plain. Returns the table, each mode's
+    setting (what the step calls, its optimizer, chain state and config) and model, the data, the batches
+    and the device."""
+    settings, models, flops, batches = {}, {}, {}, None
     for mode in ["plain", *[m for m in b.modes if m != "plain"]]:
         c = mode_config(cfg, mode)
         device, data, model, optimizer, state = setup(c)
         if batches is None:
             gen = torch.Generator().manual_seed(cfg.train.seed)
             batches = [data.batch("train", cfg.data.batch_size, gen, device) for _ in range(b.steps)]
-        settings[mode] = (model, optimizer, state, c)
+        flops[mode] = counted_flops(lambda: [train_step(model, optimizer, x, y, state, c) for x, y in batches])
+        flops[mode] /= len(batches)
+        settings[mode], models[mode] = (compiled(model, c), optimizer, state, c), model
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     out = interleaved(settings, batches, b, device)
-    for mode, (model, optimizer, state, c) in settings.items():
-        flops = counted_flops(lambda: [train_step(model, optimizer, x, y, state, c) for x, y in batches])
-        out[mode].update({"think_steps": c.model.think_steps, "params": model.num_params(),
-                          "flops_per_step": flops / len(batches)})
+    for mode, t in out.items():
+        t.update({"think_steps": settings[mode][3].model.think_steps, "params": models[mode].num_params(),
+                  "flops_per_step": flops[mode]})
     for t in out.values():
         t["flops_ratio"] = t["flops_per_step"] / out["plain"]["flops_per_step"]
         t["time_ratio"] = t["ms_per_step"] / out["plain"]["ms_per_step"]
-    return out, settings, data, batches, device
+    return out, settings, models, data, batches, device
 
 
 def bench_variants(cfg, b, batches, device):
@@ -209,10 +212,11 @@ def bench_variants(cfg, b, batches, device):
     f32 = copy.deepcopy(cfg)
     f32.train.dtype = "float32"  # the rows named float32 are float32 whatever train.dtype says
     settings = {"float32 eager": (model, optimizer, state, f32)}
-    if b.compile:
+    if b.compile:  # a model of its own: compiled() gives a transformer energy's model a compiled dE/dp
         c = copy.deepcopy(f32)
         c.train.compile = True
-        settings["float32 compiled"] = (compiled(model, c), optimizer, state, f32)
+        _, _, c_model, c_optimizer, c_state = setup(c)
+        settings["float32 compiled"] = (compiled(c_model, c), c_optimizer, c_state, f32)
     for dtype in b.dtypes:
         c = copy.deepcopy(cfg)
         c.train.dtype = dtype
@@ -256,13 +260,13 @@ def generation_speed(model, prompt, b, k, cache=True, compile=False):
             "peak_memory_mb": peak_memory_mb(device)}
 
 
-def bench_generation(settings, model, data, cfg, b, device):
+def bench_generation(models, model, data, cfg, b, device):
     """Per mode: greedy batch-1 tokens/s with the KV cache and FLOPs per generated token (counted over
     b.gen_tokens new tokens, cache rebuilds included, the prompt's pass not), thinking b.gen_think_steps
     steps (plain: none). Then the command's model (model) without the cache and, with b.compile, compiled."""
     out = {}
     prompt = data.splits["val"][: cfg.data.block_size // 2].view(1, -1).to(device)
-    for mode, (mode_model, *_) in settings.items():
+    for mode, mode_model in models.items():
         mode_model.eval()
         k = 0 if mode == "plain" else b.gen_think_steps
         out[f"{mode} K={k}"] = generation_speed(mode_model, prompt, b, k)
@@ -282,7 +286,7 @@ def bench(cfg: BenchRun):
     if min(b.steps, b.repeats, b.gen_tokens) < 1 or b.warmup < 0 or b.gen_think_steps < 0:
         raise UserError("bench.steps, repeats and gen_tokens must be >= 1; warmup and gen_think_steps >= 0")
     result = {}
-    result["train"], settings, data, batches, device = bench_training(cfg, b)
+    result["train"], settings, models, data, batches, device = bench_training(cfg, b)
     peak = matmul_peak(device, cfg.train.dtype)
     t = result["train"]["plain"]
     achieved = t["flops_per_step"] / (t["ms_per_step"] / 1000)
@@ -295,7 +299,7 @@ def bench(cfg: BenchRun):
     result["variants"], model = bench_variants(cfg, b, batches, device)
     if b.profile:
         result["profile"] = profile_training(*settings["plain"], batches)
-    result["generate"] = bench_generation(settings, model, data, cfg, b, device)
+    result["generate"] = bench_generation(models, model, data, cfg, b, device)
     result["peak_memory_mb"] = peak_memory_mb(device)
     print(report(result, b))
     out = Path(cfg.out_dir)
@@ -309,12 +313,12 @@ def report(r, b):
     m = r["mfu"]
     out = [f"device {r['device']}, {r['threads']} threads, batch {r['batch_size']} x block {r['block_size']}, "
            f"median of {b.repeats} x {b.steps} steps", "",
-           "| training | K | parameters | GFLOP/step (counted) | x plain | ms/step | x plain | tokens/s |",
-           "|---|---|---|---|---|---|---|---|"]
+           "| training | K | parameters | GFLOP/step (counted) | x plain | ms/step | x plain | tokens/s | first steps s |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for mode, t in r["train"].items():
         out.append(f"| {mode} | {t['think_steps']} | {t['params'] / 1e6:.2f}M | {t['flops_per_step'] / 1e9:.3f} | "
                    f"{t['flops_ratio']:.2f} | {t['ms_per_step']:.1f} | {t['time_ratio']:.2f} | "
-                   f"{t['tokens_per_s']:.0f} |")
+                   f"{t['tokens_per_s']:.0f} | {t['first_steps_s']:.1f} |")
     out += ["", f"model FLOPs utilisation (plain): {m['achieved_flops'] / 1e9:.1f} GFLOP/s achieved "
             f"({m['flops_per_step'] / 1e9:.3f} GFLOP/step, counted) of a measured {m['matmul_peak_flops'] / 1e9:.1f} "
             f"GFLOP/s {m['matmul_peak_dtype']} matmul peak = {m['fraction_of_peak']:.1%}"]

@@ -288,6 +288,7 @@ class GPT(nn.Module):
         (cand_embed=linear) and the step embeddings (think_step_embed)."""
         config = self.config
         self.energy_readout = nn.Linear(config.n_embd, 1, bias=False)
+        self.compiled_dE_dp = None  # E and dE/dp compiled for training (train.compile: ebm.compile_dE_dp)
         if config.cand_embed == "linear":  # EBT's vocab_to_embed: its own map from p to the slot
             self.cand_proj = nn.Linear(config.vocab_size, config.n_embd, bias=False)
         if config.think_step_embed:  # one energy landscape per step index (EBT's time embedding)

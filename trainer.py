@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import DataConfig, Dataset, Vocab, load_text
-from ebm import ChainState, losses, replay_windows, total_loss
+from ebm import ChainState, compile_dE_dp, losses, replay_windows, total_loss
 from model import GPT, ModelConfig
 from util import UserError, load_checkpoint, pick_device
 
@@ -213,27 +213,32 @@ def grad_scaler(dtype, device_type):
 def compiled(model, cfg: RunConfig):
     """
     What the training step calls: model, or with train.compile a torch.compile of its forward, the pass over
-    the observed tokens. The rest stays eager: the energy head, the think steps, and the transformer
-    energy's candidate pass (model.candidate_energy), because training differentiates its dE/dp again
-    (double backward), which AOTAutograd, the autograd of torch.compile, does not support. The observed pass
-    needs only a first backward: for dE/dp its keys and values are constants. Checkpoints save `model`
+    the observed tokens, and for the transformer energy the candidate pass with its dE/dp as one compiled
+    function (ebm.compile_dE_dp; training differentiates dE/dp again, and AOTAutograd, the autograd of
+    torch.compile, supports no double backward, so the inner gradient is traced into the graph instead).
+    The energy head and the think steps stay eager, and so do steps without a graph (evaluation, truncated
+    steps). It sets model.compiled_dE_dp: a model trained compiled keeps it. Checkpoints save `model`
     itself, so their keys stay clean (no `_orig_mod.`).
     """
     if not cfg.train.compile:
         return model
     device_type = next(model.parameters()).device.type
     if device_type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
-        raise UserError("train.compile=true on CPU needs a C++ compiler (torch.compile's inductor builds C++): "
-                        "install g++ or clang, or drop train.compile")
+        print("note: train.compile=true on CPU needs a C++ compiler (torch.compile's inductor builds C++) and "
+              "none is on PATH: training eager (install g++ or clang to compile)")
+        return model
     if device_type == "cuda" and not (os.environ.get("CC") or any(shutil.which(c) for c in ("gcc", "clang"))):
         # Triton builds a small C launcher with $CC, else gcc or clang (triton/runtime/build.py)
-        raise UserError("train.compile=true on CUDA needs a C compiler (Triton builds a small C helper when it "
-                        "first compiles): install gcc or clang (or set CC), or drop train.compile")
+        print("note: train.compile=true on CUDA needs a C compiler (Triton builds a small C helper when it first "
+              "compiles) and none is on PATH: training eager (install gcc or clang, or set CC, to compile)")
+        return model
     if device_type == "mps":  # inductor's Metal backend is experimental; eager MPS is the tested path
         print("note: train.compile=true is not used on MPS (torch.compile's MPS backend is experimental): "
               "training eager")
         return model
     try:
+        if cfg.model.energy == "transformer":
+            compile_dE_dp(model)
         return torch.compile(model)
     except RuntimeError as err:  # e.g. a Python version that torch.compile does not support yet
         raise UserError(f"torch.compile is not available here ({err}); drop train.compile") from None
