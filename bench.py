@@ -6,7 +6,7 @@ What thinking costs, counted and measured side by side: `uv run bench.py [train 
    (matmuls and attention, forward, backward and double backward; elementwise work counts zero), and
    ms/step and tokens/s, the modes interleaved (plain, linear, ..., plain, linear, ...) so that a noisy
    machine slows all alike; the median of bench.repeats windows. Ratios are against plain, both counted
-   and timed. With train.compile=true every mode trains compiled (trainer.compiled).
+   and timed. With train.compile=true every mode trains compiled (engine.compiled).
 2. Model FLOPs utilisation: plain's counted FLOP/s as a fraction of a matmul peak measured here in
    train.dtype, on the same machine, a moment before.
 3. Training tokens/s of the command's model (the config as composed, no mode applied) in float32 eager,
@@ -37,7 +37,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from ebm import generate
-from trainer import DTYPES, RunConfig, check_dtype, compiled, grad_scaler, setup, train_step
+from engine import DTYPES, RunConfig, check_dtype, compiled, grad_scaler, setup, train_step
 from util import UserError, check_overrides, run, sync
 
 

@@ -133,7 +133,7 @@ def product_energy(models, weights, hs, caches):
     A product of experts: E(x, p) = sum_i w_i E_i(x, p), so dE/dp = sum_i w_i dE_i/dp, where expert i is its
     own model with its own hidden states h_i and caches_i (None but for the transformer energy). Returns the
     summed energy vector e = sum_i w_i e_i (System 1: z_0 = -e / T) and the energy that thinking descends.
-    The experts share the vocabulary, token by token (trainer.load_experts checks it).
+    The experts share the vocabulary, token by token (checkpoints.load_experts checks it).
     """
     es = [model.energies(h) for model, h in zip(models, hs)]
     parts = [make_energy(model, h, e, c) for model, h, e, c in zip(models, hs, es, caches)]

@@ -45,11 +45,11 @@ import torch
 from hydra.core.config_store import ConfigStore
 from torch.nn import functional as F
 
+from checkpoints import load_checkpoint, load_experts, load_model
 from data import load_text, resolve_path, train_val_split
 from ebm import (chain_temperature, free_energy, make_energy, observe, onehot_energies, product_energy, sample_chains,
                  system2_logits, think, think_start)
-from trainer import load_experts, load_model
-from util import UserError, bootstrap_means, check_overrides, load_checkpoint, pick_device, run, sync
+from util import UserError, bootstrap_means, check_overrides, pick_device, run, sync
 
 
 @dataclass

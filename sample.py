@@ -14,8 +14,8 @@ import hydra
 import torch
 from hydra.core.config_store import ConfigStore
 
+from checkpoints import load_experts
 from ebm import generate
-from trainer import load_experts
 from util import UserError, check_overrides, pick_device, run, sync
 
 

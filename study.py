@@ -22,8 +22,8 @@ import torch
 from hydra.core.config_store import ConfigStore
 
 import dyck
+from checkpoints import load_model
 from data import REPO, load_text
-from trainer import load_model
 from util import UserError, check_overrides, pick_device, run
 
 # what each arm adds to the training overrides of its size (StudyConfig)

@@ -1,5 +1,5 @@
-"""What train.py and sample.py share: one-line errors, device choice, safe checkpoints, and the processes
-of a torchrun run."""
+"""What train.py and sample.py share: one-line errors, device choice, and the processes of a
+torchrun run. (Checkpoint files are checkpoints.py's.)"""
 
 import gc
 import os
@@ -118,39 +118,6 @@ def sync(device):
         torch.cuda.synchronize()
     elif device_type == "mps":
         torch.mps.synchronize()
-
-
-def save_checkpoint(obj, path):
-    """Write atomically: a temp file, then a rename, so a kill mid-save leaves the old file whole."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, map_location="cpu"):
-    """Load tensors and plain data only (weights_only): a checkpoint holding code is refused."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} not found: train one first (uv run train.py) or pass checkpoint=PATH")
-    try:
-        with warnings.catch_warnings():  # torch warns about old pickle formats before refusing them
-            warnings.simplefilter("ignore")
-            ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # torch raises many types here; all mean "unusable file"
-        if "weights_only" in str(err) or "Weights only" in str(err):
-            raise UserError(f"checkpoint {path} holds objects other than tensors and plain data; "
-                            "refusing to load it (only load checkpoints written by train.py)") from None
-        raise UserError(f"checkpoint {path} is corrupt or truncated ({type(err).__name__}); "
-                        "use another one, e.g. best.pt or ckpt.pt beside it") from None
-    required = {"model", "config", "vocab", "step"}
-    if not isinstance(ckpt, dict) or not required <= ckpt.keys():
-        raise UserError(f"checkpoint {path} is not a nanoEBM checkpoint (it lacks {sorted(required)}); "
-                        "pass one written by train.py")
-    if "transformer.wpe.weight" in ckpt["model"]:  # learned positions: only the GPT-2 block had them
-        raise UserError(f"checkpoint {path} holds the earlier GPT-2-block model (learned positions, LayerNorm, "
-                        "GELU), which this version replaced by a Llama-style block (docs/parity.md): retrain it")
-    return ckpt
 
 
 class Processes:

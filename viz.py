@@ -19,9 +19,9 @@ import hydra
 import torch
 from hydra.core.config_store import ConfigStore
 
+from checkpoints import load_model
 from data import load_text, train_val_split
 from ebm import free_energy, make_energy, observe, system2_logits
-from trainer import load_model
 from util import UserError, check_overrides, pick_device, run
 
 

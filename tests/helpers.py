@@ -22,9 +22,9 @@ import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
+import engine  # noqa: E402  (registers the train_schema config node)
 import sample as sample_mod  # noqa: E402  (registers the sample_schema config node)
 import train as train_mod  # noqa: E402
-import trainer  # noqa: E402  (registers the train_schema config node)
 
 # a model small enough that a few steps take well under a second on CPU
 TINY_MODEL = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32"]
@@ -158,7 +158,7 @@ def run_main(script, args):
         sys.argv = old_argv
         GlobalHydra.instance().clear()
         # the re-executed script registered its own copies of the schemas: put the imported ones back
-        ConfigStore.instance().store(name="train_schema", node=trainer.RunConfig)
+        ConfigStore.instance().store(name="train_schema", node=engine.RunConfig)
         ConfigStore.instance().store(name="sample_schema", node=sample_mod.SampleConfig)
     stderr = err.getvalue()
     for w in caught:

@@ -8,12 +8,12 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
+import engine
 import helpers
 from helpers import (REPO, TINY, TINY_DATA, TINY_MODEL, cli, error_lines, load_ckpt, run_sample, run_train,
                      seed_argv)
 
 import train as train_mod
-import trainer
 
 SEED_FILE = REPO.parent / "shared" / "seeds" / "001_560f304c787799ef.txt"
 
@@ -296,11 +296,11 @@ def test_every_documented_train_key_lands():
     # (model.energy=mixture: mixture_stopgrad=false would do nothing with the linear energy, and is refused there)
     cfg = helpers.compose_cfg("train", list(DOCUMENTED) + ["model.think_steps=2", "model.refine_steps=6",
                                                            "model.energy=mixture"])
-    assert isinstance(cfg, trainer.RunConfig)
+    assert isinstance(cfg, engine.RunConfig)
     for override, (path, expected) in DOCUMENTED.items():
         assert _get(cfg, path) == expected, override
     assert cfg.model.think_steps == 2 and cfg.model.refine_steps == 6
-    trainer.check_config(cfg)
+    engine.check_config(cfg)
     assert cfg.model.think_steps == 6  # refine_steps wins: it is the README's name
     # the defaults the README documents under "Common overrides"
     d = helpers.compose_cfg("train", [])
@@ -542,7 +542,8 @@ def test_every_config_key_is_read():
 
     code = "\n".join(p.read_text() for p in REPO.glob("*.py"))
     unread = []
-    for schema in (ModelConfig, DataConfig, trainer.TrainConfig, trainer.RunConfig, sample_mod.SampleConfig):
+    for schema in (ModelConfig, DataConfig, engine.TrainConfig, engine.RunConfig,
+                   sample_mod.SampleConfig):
         for f in dataclasses.fields(schema):
             uses = re.findall(rf"(\.{f.name}\b|[\"']{f.name}[\"'])", code)
             if not uses:

@@ -13,10 +13,11 @@ import pytest
 import torch
 
 import bench
+import checkpoints
 import ebm
+import engine
 import model as model_mod
 import train as train_mod
-import trainer
 import util
 from conftest import make_model
 from helpers import REPO, TINY, compose_cfg, error_lines, write_corpus
@@ -172,24 +173,25 @@ def test_compile_on_cuda_without_a_c_compiler_trains_eager(monkeypatch, capsys):
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda m: compiled.append(m) or "compiled")
     monkeypatch.delenv("CC", raising=False)
-    monkeypatch.setattr(trainer.shutil, "which", lambda name: None)
+    monkeypatch.setattr(engine.shutil, "which", lambda name: None)
     model = on_device("cuda")
-    assert trainer.compiled(model, cfg) is model and not compiled
+    assert engine.compiled(model, cfg) is model and not compiled
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and "needs a C compiler" in out[0] and "training eager" in out[0]
     assert "install gcc or clang" in out[0]
     monkeypatch.setenv("CC", "/opt/bin/mycc")  # Triton takes $CC first
-    assert trainer.compiled(model, cfg) == "compiled"
+    assert engine.compiled(model, cfg) == "compiled"
     monkeypatch.delenv("CC")
-    monkeypatch.setattr(trainer.shutil, "which", lambda name: "/usr/bin/gcc" if name == "gcc" else None)
-    assert trainer.compiled(model, cfg) == "compiled"
+    monkeypatch.setattr(engine.shutil, "which",
+                        lambda name: "/usr/bin/gcc" if name == "gcc" else None)
+    assert engine.compiled(model, cfg) == "compiled"
 
 
 def test_compile_on_mps_trains_eager_with_a_note(monkeypatch, capsys):
     """train.compile=true on MPS returns the model uncompiled and says so in one line."""
     monkeypatch.setattr(torch, "compile", lambda m: pytest.fail("compiled on MPS"))
     model = on_device("mps")
-    assert trainer.compiled(model, compose_cfg("train", ["train.compile=true"])) is model
+    assert engine.compiled(model, compose_cfg("train", ["train.compile=true"])) is model
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and "not used on MPS" in out[0] and "eager" in out[0]
 
@@ -197,12 +199,12 @@ def test_compile_on_mps_trains_eager_with_a_note(monkeypatch, capsys):
 def test_float16_with_the_transformer_energy_is_refused_on_cuda():
     """float16 + transformer energy on CUDA (dE/dp unscaled) is one line pointing to bfloat16; other energies pass."""
     with pytest.raises(UserError, match="model.energy=transformer.*train.dtype=bfloat16") as err:
-        trainer.check_dtype("float16", "cuda", "transformer")
+        engine.check_dtype("float16", "cuda", "transformer")
     assert "\n" not in str(err.value)
     for energy in ("linear", "mixture"):
-        trainer.check_dtype("float16", "cuda", energy)
+        engine.check_dtype("float16", "cuda", energy)
     with pytest.raises(UserError, match="CUDA only"):  # off CUDA float16 is refused whatever the energy
-        trainer.check_dtype("float16", "cpu", "transformer")
+        engine.check_dtype("float16", "cpu", "transformer")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -317,7 +319,7 @@ def test_tf32_through_the_current_api():
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            trainer.allow_tf32()
+            engine.allow_tf32()
         assert torch.backends.cuda.matmul.fp32_precision == "tf32"
     finally:
         torch.backends.cuda.matmul.fp32_precision = before
@@ -334,9 +336,10 @@ def test_mps_rng_state_round_trips_through_ckpt(corpus, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.mps, "get_rng_state", fake.get_state)
     monkeypatch.setattr(torch.mps, "set_rng_state", fake.set_state)
     cfg = compose_cfg("train", TINY + [f"data.data_path={corpus}", f"out_dir={tmp_path}"])
-    device, data, model, optimizer, state = trainer.setup(cfg, "cpu")
+    device, data, model, optimizer, state = engine.setup(cfg, "cpu")
     procs = util.Processes("cpu")
-    ckpts = train_mod.Checkpoints(cfg, procs, model, optimizer, state, None, torch.Generator(), data.vocab)
+    ckpts = checkpoints.Checkpoints(cfg, procs, model, optimizer, state, None, torch.Generator(),
+                                    data.vocab)
     ckpts.device_rng = "mps"  # as __init__ sets it for a model on MPS
     ckpts.save("ckpt.pt", 1, 9.0, 0.5)
     after_save = torch.rand(4, generator=fake)
@@ -368,7 +371,7 @@ def test_flop_count_sees_the_double_backward(one_thread, tmp_path):
     """An EBT step is counted with its dE/dp (autograd.grad with create_graph) and the backward through it:
     with 2 think steps through every block, over 3 times the FLOPs of the same model's step without them."""
     from helpers import TINY_MODEL, compose_cfg, write_corpus
-    from trainer import setup, train_step
+    from engine import setup, train_step
 
     corpus = write_corpus(tmp_path / "corpus.txt", n_chars=2000)
     cfg = compose_cfg("train", TINY_MODEL + ["preset=ebt", "data.block_size=8", "data.batch_size=2",

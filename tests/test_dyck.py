@@ -89,7 +89,7 @@ def dyck_model(tmp_path_factory):
     path = root / "dyck.txt"
     path.write_text(dyck.training_text(5, 20_000))
     run_train(TINY + ["train.max_steps=20", f"data.data_path={path}", f"out_dir={root / 'out'}"])
-    from trainer import load_model
+    from checkpoints import load_model
     model, vocab, _ = load_model(root / "out" / "final.pt", "cpu")
     return model, vocab
 

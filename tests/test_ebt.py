@@ -8,8 +8,8 @@ import torch
 from torch.nn import functional as F
 
 import ebm
+import engine
 import eval as eval_mod
-import trainer
 from conftest import assert_no_leak, make_model, perturb
 from helpers import TINY, TINY_MODEL, compose_cfg, read_metrics, run_sample, run_train, write_corpus
 from util import UserError
@@ -274,7 +274,7 @@ def test_onehot_energies_match_a_loop_over_tokens(energy, cand_embed):
 def test_bad_ebt_values_are_refused(override, words):
     """Impossible values of the new keys fail with one line naming the key."""
     with pytest.raises(UserError, match=words.replace(".", r"\.")):
-        trainer.check_config(compose_cfg("train", [override]))
+        engine.check_config(compose_cfg("train", [override]))
 
 
 @pytest.mark.parametrize("overrides", [
@@ -287,9 +287,9 @@ def test_bad_ebt_values_are_refused(override, words):
     ["model.think_steps=0", "model.think_rule=ebt"],
 ])
 def test_inert_ebt_options_are_refused(overrides):
-    """New options set where they would do nothing are refused (trainer.inert_options)."""
+    """New options set where they would do nothing are refused (engine.inert_options)."""
     with pytest.raises(UserError, match="does nothing"):
-        trainer.check_config(compose_cfg("train", overrides))
+        engine.check_config(compose_cfg("train", overrides))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from helpers import TINY, compose_cfg, run_train, write_corpus
 
 import ebm
 import eval as eval_mod  # noqa: E402  (registers the eval_schema config node; the module, not the builtin)
-from trainer import load_model
+from checkpoints import load_model
 from util import UserError
 
 PARTS = {"think_sweep", "temperature_control", "self_verification", "exact_verifier", "uncertainty", "adaptive",

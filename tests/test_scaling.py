@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import ebm
+import engine
 import train as train_mod
-import trainer
 from conftest import make_model
 from data import Dataset
 from helpers import TINY, TINY_MODEL, compose_cfg, load_ckpt, read_metrics, run_train, write_corpus
@@ -88,20 +88,20 @@ def test_grad_scaler_only_for_float16_on_cuda():
     """A GradScaler is chosen for float16 on CUDA, and for nothing else (bfloat16 and float32 need none)."""
     with warnings.catch_warnings():  # no CUDA here: torch warns that the scaler is disabled
         warnings.simplefilter("ignore")
-        assert isinstance(trainer.grad_scaler("float16", "cuda"), torch.amp.GradScaler)
+        assert isinstance(engine.grad_scaler("float16", "cuda"), torch.amp.GradScaler)
     for dtype, device_type in [("bfloat16", "cuda"), ("float32", "cuda"), ("float16", "cpu"), ("bfloat16", "cpu"),
                                ("float32", "cpu"), ("bfloat16", "mps"), ("float16", "mps")]:
-        assert trainer.grad_scaler(dtype, device_type) is None, (dtype, device_type)
+        assert engine.grad_scaler(dtype, device_type) is None, (dtype, device_type)
 
 
 def test_float16_off_cuda_is_refused():
     """float16 on CPU or MPS (no loss scaling there) is one line that names bfloat16 as the remedy."""
     for device_type in ("cpu", "mps"):
         with pytest.raises(UserError, match="train.dtype=bfloat16") as err:
-            trainer.check_dtype("float16", device_type)
+            engine.check_dtype("float16", device_type)
         assert "\n" not in str(err.value)
-    trainer.check_dtype("bfloat16", "cpu")
-    trainer.check_dtype("float32", "mps")
+    engine.check_dtype("bfloat16", "cpu")
+    engine.check_dtype("float32", "mps")
 
 
 @pytest.mark.parametrize("energy", ENERGIES)
@@ -169,15 +169,15 @@ def test_compile_trains_every_energy(energy, corpus, tmp_path):
 def test_compile_without_a_cpp_compiler_trains_eager(monkeypatch, capsys):
     """train.compile=true on CPU with no C++ compiler on PATH: the model uncompiled (the transformer energy's
     dE/dp too) and one line naming the remedy, before any compile; with one, dE/dp is compiled too."""
-    monkeypatch.setattr(trainer.shutil, "which", lambda name: None)
+    monkeypatch.setattr(engine.shutil, "which", lambda name: None)
     monkeypatch.setattr(torch, "compile", lambda *a, **k: pytest.fail("compiled without a compiler"))
     model = make_model(seed=0, dtype=torch.float32, energy="transformer")
-    assert trainer.compiled(model, step_config(model, compile="true")) is model
+    assert engine.compiled(model, step_config(model, compile="true")) is model
     assert model.compiled_dE_dp is None
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and "C++ compiler" in out[0] and "training eager" in out[0] and "install g++" in out[0]
-    assert trainer.compiled(model, step_config(model)) is model  # compile off: the model itself
-    monkeypatch.setattr(trainer.shutil, "which", lambda name: f"/usr/bin/{name}")
+    assert engine.compiled(model, step_config(model)) is model  # compile off: the model itself
+    monkeypatch.setattr(engine.shutil, "which", lambda name: f"/usr/bin/{name}")
     monkeypatch.setattr(torch, "compile", lambda f: f)
-    trainer.compiled(model, step_config(model, compile="true"))
+    engine.compiled(model, step_config(model, compile="true"))
     assert model.compiled_dE_dp is not None  # with a compiler: the candidate pass and its dE/dp compiled too

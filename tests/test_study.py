@@ -52,7 +52,7 @@ def test_every_arm_seed_method_and_bin_is_scored(tiny_study):
 def test_plain_deep_has_more_layers_and_compute_is_counted(tiny_study):
     """plain_deep trains with deep_layers; beam W costs W passes per character; M starts cost M * K steps."""
     out, results = tiny_study
-    from trainer import load_model
+    from checkpoints import load_model
     deep, _, _ = load_model(out / "plain_deep_seed1" / "final.pt", "cpu")
     linear, _, _ = load_model(out / "linear_seed1" / "final.pt", "cpu")
     assert deep.config.n_layer == 2 and linear.config.n_layer == 1 and deep.config.think_steps == 0

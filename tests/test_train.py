@@ -12,11 +12,11 @@ import time
 import pytest
 import torch
 
+import engine
 import helpers
 from helpers import REPO, TINY, TINY_DATA, TINY_MODEL, load_ckpt, read_metrics, run_train, wait_for, write_corpus
 
 import train as train_mod
-import trainer
 from util import UserError
 
 
@@ -218,14 +218,14 @@ def test_no_leak_on_random_text(mode, random_text, tmp_path, capsys):
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path, monkeypatch, capsys):
     """A loss that turns NaN stops the run with one line; ckpt.pt from the last good eval survives."""
     calls = {"n": 0}
-    real_total_loss = trainer.total_loss
+    real_total_loss = engine.total_loss
 
     def poisoned(*args, **kwargs):
         calls["n"] += 1
         loss = real_total_loss(*args, **kwargs)
         return loss * float("nan") if calls["n"] >= 5 else loss  # step 5 poisons the weights
 
-    monkeypatch.setattr(trainer, "total_loss", poisoned)
+    monkeypatch.setattr(engine, "total_loss", poisoned)
     with pytest.raises(UserError) as err:
         run_train(TINY_MODEL + TINY_DATA + [f"data.data_path={corpus}", "train.max_steps=20", "train.eval_interval=3",
                                             "train.eval_iters=1", "train.log_interval=1", f"out_dir={tmp_path}"])
@@ -236,7 +236,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path, monkeyp
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
     assert not (tmp_path / "final.pt").exists()
     # the kept checkpoint resumes (with a sane loss again)
-    monkeypatch.setattr(trainer, "total_loss", real_total_loss)
+    monkeypatch.setattr(engine, "total_loss", real_total_loss)
     run_train(TINY_MODEL + TINY_DATA + [f"data.data_path={corpus}", "train.max_steps=5", "train.eval_interval=3",
                                         "train.eval_iters=1", "train.log_interval=1", f"out_dir={tmp_path}",
                                         "train.resume=true"])
