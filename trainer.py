@@ -18,7 +18,9 @@ from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import DataConfig, Dataset, Vocab, load_text
-from ebm import ChainState, compile_dE_dp, losses, replay_windows, total_loss
+from contrastive import ReplayState as ChainState, replay_windows
+from ebm import losses, total_loss
+from energies import compile_dE_dp
 from model import GPT, ModelConfig
 from util import UserError, load_checkpoint, pick_device
 
