@@ -1,22 +1,27 @@
 """
-What thinking costs, counted and measured side by side: `uv run bench.py [train overrides] [bench.* options]`.
+What thinking costs, counted and measured side by side: `uv run bench.py [train overrides] [bench.*
+options]`.
 
-1. Per mode (bench.modes: plain = think_steps 0, the three energies at the configured think_steps, and the
-   EBT recipes of config/preset): FLOPs per training step, counted by torch's FLOP counter over real steps
-   (matmuls and attention, forward, backward and double backward; elementwise work counts zero), and
-   ms/step and tokens/s, the modes interleaved (plain, linear, ..., plain, linear, ...) so that a noisy
-   machine slows all alike; the median of bench.repeats windows. Ratios are against plain, both counted
-   and timed. With train.compile=true every mode trains compiled (engine.compiled).
+1. Per mode (bench.modes: plain = think_steps 0, the three energies at the configured think_steps,
+   and the EBT recipes of config/preset): FLOPs per training step, counted by torch's FLOP counter
+   over real steps (matmuls and attention, forward, backward and double backward; elementwise work
+   counts zero), and ms/step and tokens/s, the modes interleaved (plain, linear, ..., plain, linear,
+   ...) so that a noisy machine slows all alike; the median of bench.repeats windows. Ratios are
+   against plain, both counted and timed. With train.compile=true every mode trains compiled
+   (engine.compiled).
 2. Model FLOPs utilisation: plain's counted FLOP/s as a fraction of a matmul peak measured here in
    train.dtype, on the same machine, a moment before.
-3. Training tokens/s of the command's model (the config as composed, no mode applied) in float32 eager,
-   compiled (train.compile, with bench.compile) and each of bench.dtypes (default bfloat16), interleaved.
-4. Generation (greedy, batch 1, KV cache, eager), per mode: tokens/s and counted FLOPs per token, thinking
-   bench.gen_think_steps steps (plain: none); and the command's model without the cache and compiled.
+3. Training tokens/s of the command's model (the config as composed, no mode applied) in float32
+   eager, compiled (train.compile, with bench.compile) and each of bench.dtypes (default bfloat16),
+   interleaved.
+4. Generation (greedy, batch 1, KV cache, eager), per mode: tokens/s and counted FLOPs per token,
+   thinking bench.gen_think_steps steps (plain: none); and the command's model without the cache and
+   compiled.
 5. Peak memory: the process's peak resident set on CPU, peak allocated memory per setting on CUDA.
-The modes apply their model keys on top of the command's config: give shapes and training keys, not a preset
-of the recipes. bench.profile=true prints where the time of a training step goes (torch.profiler, by
-operator; on CUDA by kernel time). Prints tables and writes bench.json (in out_dir).
+The modes apply their model keys on top of the command's config: give shapes and training keys, not
+a preset of the recipes. bench.profile=true prints where the time of a training step goes
+(torch.profiler, by operator; on CUDA by kernel time). Prints tables and writes bench.json (in
+out_dir).
 """
 
 import copy
@@ -26,6 +31,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import List
 
@@ -36,32 +42,37 @@ from omegaconf import OmegaConf
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-from ebm import generate
+from ebm import generate, system2_logits
 from engine import DTYPES, RunConfig, check_dtype, compiled, grad_scaler, setup, train_step
 from util import UserError, check_overrides, run, sync
 
 
 def preset_model_keys(name):
     """The model keys of config/preset/NAME.yaml."""
-    return OmegaConf.to_container(OmegaConf.load(Path(__file__).parent / "config" / "preset" / f"{name}.yaml"))["model"]
+    return OmegaConf.to_container(OmegaConf.load(Path(__file__).parent / "config" / "preset"
+                                                 / f"{name}.yaml"))["model"]
 
 
 # what each mode sets in the command's config (model keys)
-MODES = {"plain": {"think_steps": 0}, "linear": {"energy": "linear"}, "mixture": {"energy": "mixture"},
+MODES = {"plain": {"think_steps": 0}, "linear": {"energy": "linear"},
+         "mixture": {"energy": "mixture"},
          "transformer": {"energy": "transformer"}, "ebt": preset_model_keys("ebt"),
          "ebt_s2": preset_model_keys("ebt_s2")}
 
 
 @dataclass
 class BenchConfig:
-    modes: List[str] = field(default_factory=lambda: list(MODES))  # plain is always measured: the ratios' base
+    # plain is always measured: the ratios' base
+    modes: List[str] = field(default_factory=lambda: list(MODES))
     steps: int = 10  # training steps per timed window
     repeats: int = 5  # timed windows per setting; the median is reported
     warmup: int = 5  # untimed steps first (allocator, caches, compiling)
     gen_think_steps: int = 4  # generation: every mode but plain thinks this many steps per token
     gen_tokens: int = 256  # tokens per generation measurement
-    compile: bool = True  # also time compiled training and generation (compiling takes a while, once)
-    dtypes: List[str] = field(default_factory=lambda: ["bfloat16"])  # mixed precision timed against float32
+    # also time compiled training and generation (compiling takes a while, once)
+    compile: bool = True
+    # mixed precision timed against float32
+    dtypes: List[str] = field(default_factory=lambda: ["bfloat16"])
     profile: bool = False  # print a torch.profiler table of plain training steps
 
 
@@ -74,7 +85,8 @@ ConfigStore.instance().store(name="bench_schema", node=BenchRun)
 
 
 def peak_memory_mb(device):
-    """Peak allocated memory since the last reset on CUDA; the process's peak resident set elsewhere."""
+    """Peak allocated memory since the last reset on CUDA; the process's peak resident set
+    elsewhere."""
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
@@ -92,9 +104,10 @@ def timed(fn, repeats):
 
 def matmul_peak(device, dtype="float32", repeats=10):
     """
-    FLOP/s of n x n x n matmuls in dtype (train.dtype, the precision training's matmuls run in): the device's
-    practical peak for dense math. CPU: n = 1024, one matmul per timing. A GPU needs big matmuls (n = 4096) and
-    many per synchronisation (20) to reach its peak, or launch and sync overheads would be timed instead.
+    FLOP/s of n x n x n matmuls in dtype (train.dtype, the precision training's matmuls run in): the
+    device's practical peak for dense math. CPU: n = 1024, one matmul per timing. A GPU needs big
+    matmuls (n = 4096) and many per synchronisation (20) to reach its peak, or launch and sync
+    overheads would be timed instead.
     """
     gpu = torch.device(device).type != "cpu"
     n, calls = (4096, 20) if gpu else (1024, 1)
@@ -112,10 +125,10 @@ def matmul_peak(device, dtype="float32", repeats=10):
 
 
 class FlopCount(TorchDispatchMode):
-    """Counts FLOPs at dispatch with the formulas of torch's FLOP counter (torch.utils.flop_counter): every
-    matmul and attention call, forward, backward and the think steps' double backward; elementwise work counts
-    zero. (FlopCounterMode itself tracks modules with hooks that autograd.grad, used by the transformer
-    energy's dE/dp, refuses.)"""
+    """Counts FLOPs at dispatch with the formulas of torch's FLOP counter
+    (torch.utils.flop_counter): every matmul and attention call, forward, backward and the think
+    steps' double backward; elementwise work counts zero. (FlopCounterMode itself tracks modules
+    with hooks that autograd.grad, used by the transformer energy's dE/dp, refuses.)"""
 
     def __init__(self):
         super().__init__()
@@ -148,9 +161,10 @@ def mode_config(cfg, mode):
 
 def interleaved(settings, batches, b, device):
     """
-    settings: name -> (model to step, its optimizer, its chain state, its config). Each first runs b.warmup
-    untimed steps (allocator, caches, compiling), then b.repeats windows of b.steps steps, the settings
-    taking turns so that a noisy machine slows all alike. Per name: tokens/s and ms/step of the median window.
+    settings: name -> (model to step, its optimizer, its chain state, its config). Each first runs
+    b.warmup untimed steps (allocator, caches, compiling), then b.repeats windows of b.steps steps,
+    the settings taking turns so that a noisy machine slows all alike. Per name: tokens/s and
+    ms/step of the median window.
     """
     device_type = torch.device(device).type
 
@@ -173,31 +187,35 @@ def interleaved(settings, batches, b, device):
     for name, (_, _, _, cfg) in settings.items():
         med = statistics.median(times[name])
         tokens = b.steps * cfg.data.batch_size * cfg.data.block_size
-        out[name].update({"tokens_per_s": tokens / med, "ms_per_step": 1000 * med / b.steps, "runs_s": times[name]})
+        out[name].update({"tokens_per_s": tokens / med, "ms_per_step": 1000 * med / b.steps,
+                          "runs_s": times[name]})
     return out
 
 
 def bench_training(cfg, b):
-    """Per mode: counted FLOPs per training step (the mean over b.steps steps: EBT's S2 draws its number of
-    think steps) and ms/step, the modes interleaved, compiled with train.compile (the FLOPs are counted eager
-    first: compiled kernels bypass the dispatcher); ratios against plain. Returns the table, each mode's
-    setting (what the step calls, its optimizer, chain state and config) and model, the data, the batches
-    and the device."""
+    """Per mode: counted FLOPs per training step (the mean over b.steps steps: EBT's S2 draws its
+    number of think steps) and ms/step, the modes interleaved, compiled with train.compile (the
+    FLOPs are counted eager first: compiled kernels bypass the dispatcher); ratios against plain.
+    Returns the table, each mode's setting (what the step calls, its optimizer, chain state and
+    config) and model, the data, the batches and the device."""
     settings, models, flops, batches = {}, {}, {}, None
     for mode in ["plain", *[m for m in b.modes if m != "plain"]]:
         c = mode_config(cfg, mode)
         device, data, model, optimizer, state = setup(c)
         if batches is None:
             gen = torch.Generator().manual_seed(cfg.train.seed)
-            batches = [data.batch("train", cfg.data.batch_size, gen, device) for _ in range(b.steps)]
-        flops[mode] = counted_flops(lambda: [train_step(model, optimizer, x, y, state, c) for x, y in batches])
+            batches = [data.batch("train", cfg.data.batch_size, gen,
+                                  device) for _ in range(b.steps)]
+        flops[mode] = counted_flops(lambda: [train_step(model, optimizer, x, y, state, c) for x,
+                                             y in batches])
         flops[mode] /= len(batches)
         settings[mode], models[mode] = (compiled(model, c), optimizer, state, c), model
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     out = interleaved(settings, batches, b, device)
     for mode, t in out.items():
-        t.update({"think_steps": settings[mode][3].model.think_steps, "params": models[mode].num_params(),
+        t.update({"think_steps": settings[mode][3].model.think_steps,
+                  "params": models[mode].num_params(),
                   "flops_per_step": flops[mode]})
     for t in out.values():
         t["flops_ratio"] = t["flops_per_step"] / out["plain"]["flops_per_step"]
@@ -206,13 +224,14 @@ def bench_training(cfg, b):
 
 
 def bench_variants(cfg, b, batches, device):
-    """Training tokens/s of the command's model: float32 eager, compiled, and each of b.dtypes. Returns the
-    table and the model (generation times it next)."""
+    """Training tokens/s of the command's model: float32 eager, compiled, and each of b.dtypes.
+    Returns the table and the model (generation times it next)."""
     _, _, model, optimizer, state = setup(cfg)
     f32 = copy.deepcopy(cfg)
     f32.train.dtype = "float32"  # the rows named float32 are float32 whatever train.dtype says
     settings = {"float32 eager": (model, optimizer, state, f32)}
-    if b.compile:  # a model of its own: compiled() gives a transformer energy's model a compiled dE/dp
+    # a model of its own: compiled() gives a transformer energy's model a compiled dE/dp
+    if b.compile:
         c = copy.deepcopy(f32)
         c.train.compile = True
         _, _, c_model, c_optimizer, c_state = setup(c)
@@ -220,14 +239,16 @@ def bench_variants(cfg, b, batches, device):
     for dtype in b.dtypes:
         c = copy.deepcopy(cfg)
         c.train.dtype = dtype
-        check_dtype(dtype, torch.device(device).type, cfg.model.energy)  # one line if this device cannot
+        # one line if this device cannot
+        check_dtype(dtype, torch.device(device).type, cfg.model.energy)
         settings[f"{dtype} eager"] = (model, optimizer, state, c)
     return interleaved(settings, batches, b, device), model
 
 
 def profile_training(model, optimizer, state, cfg, batches, steps=5):
-    """Where a training step's time goes, by operator (torch.profiler), in plain mode. On CUDA the kernels
-    are recorded too and the table is sorted by their time (the CPU side only queues them)."""
+    """Where a training step's time goes, by operator (torch.profiler), in plain mode. On CUDA the
+    kernels are recorded too and the table is sorted by their time (the CPU side only queues
+    them)."""
     from torch.profiler import ProfilerActivity, profile
 
     device = batches[0][0].device
@@ -239,21 +260,24 @@ def profile_training(model, optimizer, state, cfg, batches, steps=5):
             x, y = batches[i % len(batches)]
             train_step(model, optimizer, x, y, state, cfg, scaler=scaler)
         sync(device)
-    return prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=20)
+    return prof.key_averages().table(sort_by="self_cuda_time_total" if cuda
+                                     else "self_cpu_time_total", row_limit=20)
 
 
 def generation_speed(model, prompt, b, k, cache=True, compile=False):
-    """Greedy batch-1 tokens/s (median of 3) thinking k steps, and the first call's seconds (compiling)."""
+    """Greedy batch-1 tokens/s (median of 3) thinking k steps, and the first call's seconds
+    (compiling)."""
     device = str(prompt.device)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
+    think = partial(system2_logits, steps=k)
     t0 = time.perf_counter()
-    generate(model, prompt, 8, k, use_cache=cache, compile=compile)  # warm-up (and compiling)
+    generate(model, prompt, 8, think, use_cache=cache, compile=compile)  # warm-up (and compiling)
     sync(device)
     warmup_s = time.perf_counter() - t0
 
     def gen():
-        generate(model, prompt, b.gen_tokens, k, use_cache=cache, compile=compile)
+        generate(model, prompt, b.gen_tokens, think, use_cache=cache, compile=compile)
         sync(device)
 
     return {"tokens_per_s": b.gen_tokens / timed(gen, 3), "warmup_s": warmup_s,
@@ -261,9 +285,10 @@ def generation_speed(model, prompt, b, k, cache=True, compile=False):
 
 
 def bench_generation(models, model, data, cfg, b, device):
-    """Per mode: greedy batch-1 tokens/s with the KV cache and FLOPs per generated token (counted over
-    b.gen_tokens new tokens, cache rebuilds included, the prompt's pass not), thinking b.gen_think_steps
-    steps (plain: none). Then the command's model (model) without the cache and, with b.compile, compiled."""
+    """Per mode: greedy batch-1 tokens/s with the KV cache and FLOPs per generated token (counted
+    over b.gen_tokens new tokens, cache rebuilds included, the prompt's pass not), thinking
+    b.gen_think_steps steps (plain: none). Then the command's model (model) without the cache and,
+    with b.compile, compiled."""
     out = {}
     prompt = data.splits["val"][: cfg.data.block_size // 2].view(1, -1).to(device)
     for mode, mode_model in models.items():
@@ -271,7 +296,9 @@ def bench_generation(models, model, data, cfg, b, device):
         k = 0 if mode == "plain" else b.gen_think_steps
         out[f"{mode} K={k}"] = generation_speed(mode_model, prompt, b, k)
         n = b.gen_tokens
-        flops = [counted_flops(lambda: generate(mode_model, prompt, tokens, k)) for tokens in (1, n + 1)]
+        think = partial(system2_logits, steps=k)
+        flops = [counted_flops(lambda: generate(mode_model, prompt, tokens,
+                                                think)) for tokens in (1, n + 1)]
         out[f"{mode} K={k}"]["flops_per_token"] = (flops[1] - flops[0]) / n
     model.eval()
     K = b.gen_think_steps
@@ -284,7 +311,8 @@ def bench_generation(models, model, data, cfg, b, device):
 def bench(cfg: BenchRun):
     b = cfg.bench
     if min(b.steps, b.repeats, b.gen_tokens) < 1 or b.warmup < 0 or b.gen_think_steps < 0:
-        raise UserError("bench.steps, repeats and gen_tokens must be >= 1; warmup and gen_think_steps >= 0")
+        raise UserError("bench.steps, repeats and gen_tokens must be >= 1; warmup and "
+                        "gen_think_steps >= 0")
     result = {}
     result["train"], settings, models, data, batches, device = bench_training(cfg, b)
     peak = matmul_peak(device, cfg.train.dtype)
@@ -293,7 +321,8 @@ def bench(cfg: BenchRun):
     result.update({
         "device": device, "threads": torch.get_num_threads(), "batch_size": cfg.data.batch_size,
         "block_size": cfg.data.block_size,
-        "mfu": {"flops_per_step": t["flops_per_step"], "achieved_flops": achieved, "matmul_peak_flops": peak,
+        "mfu": {"flops_per_step": t["flops_per_step"], "achieved_flops": achieved,
+                "matmul_peak_flops": peak,
                 "matmul_peak_dtype": cfg.train.dtype, "fraction_of_peak": achieved / peak},
     })
     result["variants"], model = bench_variants(cfg, b, batches, device)
@@ -311,27 +340,36 @@ def bench(cfg: BenchRun):
 
 def report(r, b):
     m = r["mfu"]
-    out = [f"device {r['device']}, {r['threads']} threads, batch {r['batch_size']} x block {r['block_size']}, "
+    out = [f"device {r['device']}, {r['threads']} threads, batch {r['batch_size']} x block "
+           f"{r['block_size']}, "
            f"median of {b.repeats} x {b.steps} steps", "",
-           "| training | K | parameters | GFLOP/step (counted) | x plain | ms/step | x plain | tokens/s | first steps s |",
+           "| training | K | parameters | GFLOP/step (counted) | x plain | ms/step | x plain | "
+           "tokens/s | first steps s |",
            "|---|---|---|---|---|---|---|---|---|"]
     for mode, t in r["train"].items():
-        out.append(f"| {mode} | {t['think_steps']} | {t['params'] / 1e6:.2f}M | {t['flops_per_step'] / 1e9:.3f} | "
+        out.append(f"| {mode} | {t['think_steps']} | {t['params'] / 1e6:.2f}M | "
+                   f"{t['flops_per_step'] / 1e9:.3f} | "
                    f"{t['flops_ratio']:.2f} | {t['ms_per_step']:.1f} | {t['time_ratio']:.2f} | "
                    f"{t['tokens_per_s']:.0f} | {t['first_steps_s']:.1f} |")
-    out += ["", f"model FLOPs utilisation (plain): {m['achieved_flops'] / 1e9:.1f} GFLOP/s achieved "
-            f"({m['flops_per_step'] / 1e9:.3f} GFLOP/step, counted) of a measured {m['matmul_peak_flops'] / 1e9:.1f} "
+    out += ["", f"model FLOPs utilisation (plain): {m['achieved_flops'] / 1e9:.1f} GFLOP/s "
+                f"achieved "
+            f"({m['flops_per_step'] / 1e9:.3f} GFLOP/step, counted) of a measured "
+            f"{m['matmul_peak_flops'] / 1e9:.1f} "
             f"GFLOP/s {m['matmul_peak_dtype']} matmul peak = {m['fraction_of_peak']:.1%}"]
-    out += ["", "| training (the command's model) | tokens/s | ms/step | first steps s |", "|---|---|---|---|"]
+    out += ["", "| training (the command's model) | tokens/s | ms/step | first steps s |",
+            "|---|---|---|---|"]
     for name, v in r["variants"].items():
-        out.append(f"| {name} | {v['tokens_per_s']:.0f} | {v['ms_per_step']:.1f} | {v['first_steps_s']:.1f} |")
+        out.append(f"| {name} | {v['tokens_per_s']:.0f} | {v['ms_per_step']:.1f} | "
+                   f"{v['first_steps_s']:.1f} |")
     if "profile" in r:
         out += ["", "where a training step's time goes (plain):", r["profile"]]
-    out += ["", "| generation (greedy, batch 1) | tokens/s | MFLOP/token (counted) | first call s | peak memory MB |",
+    out += ["", "| generation (greedy, batch 1) | tokens/s | MFLOP/token (counted) | first call s "
+                "| peak memory MB |",
             "|---|---|---|---|---|"]
     for name, g in r["generate"].items():
         flops = f"{g['flops_per_token'] / 1e6:.2f}" if "flops_per_token" in g else ""
-        out.append(f"| {name} | {g['tokens_per_s']:.0f} | {flops} | {g['warmup_s']:.2f} | {g['peak_memory_mb']:.0f} |")
+        out.append(f"| {name} | {g['tokens_per_s']:.0f} | {flops} | {g['warmup_s']:.2f} | "
+                   f"{g['peak_memory_mb']:.0f} |")
     return "\n".join(out)
 
 

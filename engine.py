@@ -17,8 +17,10 @@ import torch.nn as nn
 from hydra.core.config_store import ConfigStore
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from contrastive import ReplayState, replay_windows
 from data import DataConfig, Dataset, load_text
-from ebm import ChainState, compile_dE_dp, losses, replay_windows, total_loss
+from ebm import losses, total_loss
+from energies import compile_dE_dp
 from model import GPT, ModelConfig
 from util import UserError, pick_device
 
@@ -241,7 +243,7 @@ def compiled(model, cfg: RunConfig):
     """
     What the training step calls: model, or with train.compile a torch.compile of its forward, the
     pass over the observed tokens, and for the transformer energy the candidate pass with its dE/dp
-    as one compiled function (ebm.compile_dE_dp; training differentiates dE/dp again, and
+    as one compiled function (energies.compile_dE_dp; training differentiates dE/dp again, and
     AOTAutograd, the autograd of torch.compile, supports no double backward, so the inner gradient
     is traced into the graph instead). The energy head and the think steps stay eager, and so do
     steps without a graph (evaluation, truncated steps). It sets model.compiled_dE_dp: a model
@@ -377,5 +379,5 @@ def setup(cfg: RunConfig, device=None, rank=0, world=1):
     if rank:
         torch.manual_seed(cfg.train.seed + rank)
     # replay, PCD, fast weights
-    state = ChainState(cfg.model).to(device) if replay_windows(cfg.model) > 0 else None
+    state = ReplayState(cfg.model).to(device) if replay_windows(cfg.model) > 0 else None
     return device, data, model, optimizer, state

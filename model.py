@@ -79,11 +79,11 @@ class ModelConfig:
     mixture_hidden: int = 128  # width of g in the mixture energy
     mixture_stopgrad: bool = True  # mixture: treat p inside g as a constant when backpropagating
 
-    # contrastive divergence (ebm.py: contrastive_loss)
+    # contrastive divergence (contrastive.py: contrastive_loss)
     use_contrastive: bool = False
     contrastive_type: str = "cd"  # cd | pcd | fast_pcd
     contrastive_weight: float = 0.1
-    contrastive_k: int = 4  # steps of each chain per training step (ebm.sample_chains)
+    contrastive_k: int = 4  # steps of each chain per training step (contrastive.sample_chains)
     contrastive_reg: float = 0.01  # weight of the energy-magnitude penalty E_pos^2 + E_neg^2
     # The langevin_* keys drive the contrastive chains' natural-gradient steps, not the think
     # loop's Langevin noise (that is think_noise). With a linear head the chains' logits close
@@ -358,7 +358,7 @@ class GPT(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
 
     # ----------------------------------------------------------------------------------------------
-    # the transformer energy (EBT): candidate slots (ebm.transformer_energy; their attention is
+    # the transformer energy (EBT): candidate slots (energies.transformer_energy; their attention is
     # candidate_attention below the class)
 
     def add_candidate_slots(self):
@@ -368,7 +368,7 @@ class GPT(nn.Module):
         """
         config = self.config
         self.energy_readout = nn.Linear(config.n_embd, 1, bias=False)
-        # E and dE/dp compiled for training (train.compile: ebm.compile_dE_dp)
+        # E and dE/dp compiled for training (train.compile: energies.compile_dE_dp)
         self.compiled_dE_dp = None
         if config.cand_embed == "linear":  # EBT's vocab_to_embed: its own map from p to the slot
             self.cand_proj = nn.Linear(config.vocab_size, config.n_embd, bias=False)

@@ -1,12 +1,14 @@
 """
-Plots of what thinking does: `uv run --extra plots viz.py checkpoint=out_ebt/final.pt evals='[out_ebt/eval.json]'`.
-matplotlib is an optional extra (`--extra plots`), so the core install stays small. Writes PNGs to out_dir:
+Plots of what thinking does: `uv run --extra plots viz.py checkpoint=out_ebt/final.pt
+evals='[out_ebt/eval.json]'`. matplotlib is an optional extra (`--extra plots`), so the core install
+stays small. Writes PNGs to out_dir:
 
   think_sweep.png     val loss against think steps, one line per eval.json (from `uv run eval.py`)
-  think_descent.png   the free energy F(z_k) along the think steps at a few val positions (checkpoint)
-  candidates.png      the candidate distribution p before and after thinking at one val position (checkpoint)
-  chains.png          the contrastive chains' KL to the model after k steps (eval.json files with a chains part)
-  energy_gap.png      E_neg - E_pos over training, one line per contrastive run (`metrics`: metrics.jsonl files)
+  think_descent.png   the free energy F(z_k) along the think steps at a few val positions
+  (checkpoint) candidates.png      the candidate distribution p before and after thinking at one val
+  position (checkpoint) chains.png          the contrastive chains' KL to the model after k steps
+  (eval.json files with a chains part) energy_gap.png      E_neg - E_pos over training, one line per
+  contrastive run (`metrics`: metrics.jsonl files)
 """
 
 import json
@@ -27,11 +29,15 @@ from util import UserError, check_overrides, pick_device, run
 
 @dataclass
 class VizConfig:
-    checkpoint: Optional[str] = "out_ebt/final.pt"  # for think_descent.png and candidates.png (null: skip)
-    evals: List[str] = field(default_factory=list)  # eval.json files for think_sweep.png and chains.png
-    metrics: List[str] = field(default_factory=list)  # metrics.jsonl files of contrastive runs for energy_gap.png
+    # for think_descent.png and candidates.png (null: skip)
+    checkpoint: Optional[str] = "out_ebt/final.pt"
+    # eval.json files for think_sweep.png and chains.png
+    evals: List[str] = field(default_factory=list)
+    # metrics.jsonl files of contrastive runs for energy_gap.png
+    metrics: List[str] = field(default_factory=list)
     out_dir: str = "assets"
-    think_steps: int = 16  # steps drawn in think_descent.png; candidates.png shows the model's think_steps
+    # steps drawn in think_descent.png; candidates.png shows the model's think_steps
+    think_steps: int = 16
     positions: int = 6  # val positions in think_descent.png
     top: int = 12  # candidates shown in candidates.png
     seed: int = 1337  # which val positions
@@ -56,8 +62,10 @@ def plot_sweep(plt, results, path):
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in results:
         rows = r["think_sweep"]
-        label = f"{r['energy']} (trained K={r['model_think_steps']}, {Path(r['checkpoint']).parent.name})"
-        ax.plot([row["think_steps"] for row in rows], [row["loss"] for row in rows], marker="o", label=label)
+        run_name = Path(r["checkpoint"]).parent.name
+        label = f"{r['energy']} (trained K={r['model_think_steps']}, {run_name})"
+        ax.plot([row["think_steps"] for row in rows], [row["loss"] for row in rows], marker="o",
+                label=label)
     ax.set_xscale("symlog", linthresh=1)
     ks = sorted({row["think_steps"] for r in results for row in r["think_sweep"]})
     ax.set_xticks(ks, [str(k) for k in ks])
@@ -65,14 +73,16 @@ def plot_sweep(plt, results, path):
 
 
 def plot_chains(plt, results, path):
-    """KL(chains after k steps || softmax(-E / T)) against k, one line per eval.json and kind of start."""
+    """KL(chains after k steps || softmax(-E / T)) against k, one line per eval.json and kind of
+    start."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in results:
         c = r["chains"]
         for kind in ("cd", "pcd", "fast_pcd"):
             if kind in c["rows"][0]:
                 label = f"{kind}, {Path(r['checkpoint']).parent.name} (step {c['step_size']:g})"
-                ax.plot([row["steps"] for row in c["rows"]], [row[kind]["kl"] for row in c["rows"]], marker="o",
+                ax.plot([row["steps"] for row in c["rows"]], [row[kind]["kl"] for row in c["rows"]],
+                        marker="o",
                         label=label)
     ax.set_xscale("symlog", linthresh=1)
     ax.set_yscale("symlog", linthresh=1e-3)
@@ -81,24 +91,29 @@ def plot_chains(plt, results, path):
 
 
 def plot_energy_gap(plt, metrics, path):
-    """E_neg - E_pos (training batches, mean since the previous eval) against the step, one line per run."""
+    """E_neg - E_pos (training batches, mean since the previous eval) against the step, one line per
+    run."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for file in metrics:
         rows = [json.loads(line) for line in Path(file).read_text().splitlines() if line.strip()]
         rows = [r for r in rows if "energy_gap" in r]
         if not rows:
-            raise UserError(f"{file} has no energy_gap: it comes from a run with model.use_contrastive=true")
-        ax.plot([r["step"] for r in rows], [r["energy_gap"] for r in rows], marker="o", label=Path(file).parent.name)
+            raise UserError(f"{file} has no energy_gap: it comes from a run with "
+                            f"model.use_contrastive=true")
+        ax.plot([r["step"] for r in rows], [r["energy_gap"] for r in rows], marker="o",
+                label=Path(file).parent.name)
     ax.axhline(0.0, color="gray", lw=0.5)
-    save(plt, fig, ax, path, "training step", "E_neg - E_pos", "energy of the negatives above that of the data")
+    save(plt, fig, ax, path, "training step", "E_neg - E_pos",
+         "energy of the negatives above that of the data")
 
 
 @torch.no_grad()
 def descend(model, x, steps):
-    """Logits z_0..z_K (K + 1, T, V) and free energies F(z_k) (K + 1, T) along the think loop on window x."""
+    """Logits z_0..z_K (K + 1, T, V) and free energies F(z_k) (K + 1, T) along the think loop on
+    window x."""
     h, e, caches = observe(model, x)
-    zs = system2_logits(model, h, e, steps, caches)
     energy = make_energy(model, h, e, caches)
+    zs = system2_logits(model, e, energy, steps)
     free = torch.stack([free_energy(z, energy, model.config.entropy_weight)[1] for z in zs])
     return torch.stack(zs)[:, 0], free[:, 0]
 
@@ -107,7 +122,8 @@ def plot_descent(plt, free, x, y, picks, vocab, energy, path):
     """F(z_k) - F(z_0) along the think loop for the positions picks of window x (targets y)."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for t in picks.tolist():
-        label = f"t={t}: {vocab.decode(x[max(0, t - 8) : t + 1].tolist())!r} -> {vocab.chars[int(y[t])]!r}"
+        context = vocab.decode(x[max(0, t - 8) : t + 1].tolist())
+        label = f"t={t}: {context!r} -> {vocab.chars[int(y[t])]!r}"
         ax.plot(range(free.size(0)), free[:, t] - free[0, t], marker=".", label=label)
     ax.set_xlabel("think step k")
     ax.set_ylabel("F(z_k) - F(z_0)")
@@ -119,7 +135,8 @@ def plot_descent(plt, free, x, y, picks, vocab, energy, path):
 
 
 def plot_candidates(plt, z0, zk, k, x, y, t, vocab, top, path):
-    """The top candidates for position t of window x: System 1's probabilities beside those after k steps."""
+    """The top candidates for position t of window x: System 1's probabilities beside those after k
+    steps."""
     p0, pk = z0.softmax(-1), zk.softmax(-1)
     best = torch.maximum(p0, pk).topk(top).indices
     names = [{" ": "space", "\n": "\\n"}.get(vocab.chars[i], vocab.chars[i]) for i in best.tolist()]
@@ -127,7 +144,8 @@ def plot_candidates(plt, z0, zk, k, x, y, t, vocab, top, path):
     ax.bar([i - 0.2 for i in range(top)], p0[best], width=0.4, label="System 1 (p_0)")
     ax.bar([i + 0.2 for i in range(top)], pk[best], width=0.4, label=f"after K={k} steps")
     ax.set_xticks(range(top), names)
-    ax.set_title(f"candidates for the next char after {vocab.decode(x[max(0, t - 16) : t + 1].tolist())!r} "
+    ax.set_title(f"candidates for the next char after "
+                 f"{vocab.decode(x[max(0, t - 16) : t + 1].tolist())!r} "
                  f"(true: {vocab.chars[int(y[t])]!r})", fontsize=9)
     ax.set_ylabel("probability")
     ax.legend()
@@ -143,7 +161,8 @@ def visualise(cfg: VizConfig):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise UserError("matplotlib is not installed: run with `uv run --extra plots viz.py ...`") from None
+        raise UserError("matplotlib is not installed: "
+                        "run with `uv run --extra plots viz.py ...`") from None
     if cfg.think_steps < 1 or cfg.positions < 1 or cfg.top < 1:
         raise UserError("think_steps, positions and top must be >= 1")
     out = Path(cfg.out_dir)
@@ -151,7 +170,8 @@ def visualise(cfg: VizConfig):
     written = []
     missing = [f for f in cfg.evals + cfg.metrics if not Path(f).is_file()]
     if missing:
-        raise UserError(f"{missing[0]} not found: `uv run eval.py checkpoint=...` writes eval.json next to the "
+        raise UserError(f"{missing[0]} not found: `uv run eval.py checkpoint=...` writes eval.json "
+                        f"next to the "
                         "checkpoint, train.py writes out_dir/metrics.jsonl")
     if cfg.evals:
         results = [json.loads(Path(file).read_text()) for file in cfg.evals]
@@ -165,12 +185,14 @@ def visualise(cfg: VizConfig):
         written.append(out / "energy_gap.png")
     if cfg.checkpoint:
         model, vocab, run_cfg = load_model(cfg.checkpoint, pick_device(cfg.device, key="device"))
-        _, val = train_val_split(torch.tensor(vocab.encode(load_text(run_cfg["data"]["data_path"])), dtype=torch.long))
+        _, val = train_val_split(torch.tensor(vocab.encode(load_text(run_cfg["data"]["data_path"])),
+                                              dtype=torch.long))
         T = model.config.block_size
         gen = torch.Generator().manual_seed(cfg.seed)
         start = int(torch.randint(len(val) - T - 1, (), generator=gen))
         x, y = val[start : start + T], val[start + 1 : start + T + 1]
-        zs, free = descend(model, x.view(1, -1).to(model.energy_head.weight.device), cfg.think_steps)
+        zs, free = descend(model, x.view(1, -1).to(model.energy_head.weight.device),
+                           cfg.think_steps)
         zs, free = zs.cpu(), free.cpu()
         picks = torch.randperm(T, generator=gen)[: cfg.positions].sort().values
         plot_descent(plt, free, x, y, picks, vocab, model.config.energy, out / "think_descent.png")
@@ -178,7 +200,8 @@ def visualise(cfg: VizConfig):
         plot_candidates(plt, zs[0, t], zs[k, t], k, x, y, t, vocab, cfg.top, out / "candidates.png")
         written += [out / "think_descent.png", out / "candidates.png"]
     if not written:
-        raise UserError("nothing to plot: pass checkpoint=PATH, evals='[a/eval.json,b/eval.json]' and/or "
+        raise UserError("nothing to plot: pass checkpoint=PATH, evals='[a/eval.json,b/eval.json]' "
+                        "and/or "
                         "metrics='[a/metrics.jsonl]'")
     print("wrote " + ", ".join(str(p) for p in written))
     return written

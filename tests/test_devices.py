@@ -1,6 +1,7 @@
-"""Devices and the things around them: wandb without a login, a GPU torch cannot use, CUDA and MPS paths
-(tested on CPU where their logic allows: device types passed by name, torch's device queries monkeypatched),
-float32 energies under autocast, deterministic PCD chains, the KV cache's dtype, bench.py's peak."""
+"""Devices and the things around them: wandb without a login, a GPU torch cannot use, CUDA and MPS
+paths (tested on CPU where their logic allows: device types passed by name, torch's device queries
+monkeypatched), float32 energies under autocast, deterministic PCD chains, the KV cache's dtype,
+bench.py's peak."""
 
 import io
 import os
@@ -8,13 +9,16 @@ import subprocess
 import sys
 import types
 import warnings
+from functools import partial
 
 import pytest
 import torch
 
 import bench
 import checkpoints
+import contrastive
 import ebm
+import energies
 import engine
 import model as model_mod
 import train as train_mod
@@ -32,37 +36,44 @@ def corpus(tmp_path_factory):
     return write_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt", n_chars=20_000)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # A. wandb without a login
 
 
 def no_wandb_env(home):
-    """The environment of a machine with no wandb login: an empty HOME, no WANDB_* variables, no NETRC."""
+    """The environment of a machine with no wandb login: an empty HOME, no WANDB_* variables, no
+    NETRC."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") and k != "NETRC"}
     return {**env, "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config")}
 
 
 def test_wandb_without_login_fails_fast_in_one_line(corpus, tmp_path):
-    """wandb_project with no key and no terminal: one line naming the remedies, exit != 0, before any training."""
+    """wandb_project with no key and no terminal: one line naming the remedies, exit != 0, before
+    any training."""
     home, out = tmp_path / "home", tmp_path / "out"
     home.mkdir()
-    args = [str(REPO / "train.py"), "wandb_project=x", f"out_dir={out}", f"data.data_path={corpus}", *TINY]
-    r = subprocess.run([sys.executable, *args], cwd=tmp_path, env=no_wandb_env(home), stdin=subprocess.DEVNULL,
+    args = [str(REPO / "train.py"), "wandb_project=x", f"out_dir={out}", f"data.data_path={corpus}",
+            *TINY]
+    r = subprocess.run([sys.executable, *args], cwd=tmp_path, env=no_wandb_env(home),
+                       stdin=subprocess.DEVNULL,
                        capture_output=True, text=True, timeout=300)
     lines = error_lines(r.stderr)
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
     assert len(lines) == 1, r.stderr
-    assert all(s in lines[0] for s in ("wandb login", "WANDB_API_KEY", "WANDB_MODE=offline")), lines[0]
-    assert not (out / "ckpt.pt").exists() and not (out / "metrics.jsonl").exists()  # nothing trained
+    assert all(s in lines[0] for s in ("wandb login", "WANDB_API_KEY",
+                                       "WANDB_MODE=offline")), lines[0]
+    # nothing trained
+    assert not (out / "ckpt.pt").exists() and not (out / "metrics.jsonl").exists()
 
 
 @pytest.fixture
 def no_login(tmp_path, monkeypatch):
-    """This process as on a machine without a wandb login and without a terminal; wandb's session is reset."""
+    """This process as on a machine without a wandb login and without a terminal; wandb's session is
+    reset."""
     import wandb
 
-    # end wandb's session first: its service's address lives in WANDB_SERVICE, which must not come back once
-    # the service is gone (a later wandb.init in this process would try to reach it)
+    # end wandb's session first: its service's address lives in WANDB_SERVICE, which must not come
+    # back once the service is gone (a later wandb.init in this process would try to reach it)
     wandb.teardown()
     os.environ.pop("WANDB_SERVICE", None)
     home = tmp_path / "home"
@@ -86,7 +97,8 @@ def test_wandb_offline_and_disabled_need_no_login(mode, no_login, monkeypatch):
 
 
 def test_wandb_check_in_process(no_login, monkeypatch):
-    """No key: the check refuses in one line; a key (WANDB_API_KEY) passes; an unknown WANDB_MODE is one line."""
+    """No key: the check refuses in one line; a key (WANDB_API_KEY) passes; an unknown WANDB_MODE is
+    one line."""
     import wandb
 
     cfg = compose_cfg("train", ["wandb_project=x"])
@@ -100,21 +112,24 @@ def test_wandb_check_in_process(no_login, monkeypatch):
         train_mod.check_wandb(cfg)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # B1. a GPU torch cannot use
 
 
 @pytest.fixture
 def unusable_gpu(monkeypatch):
-    """An NVIDIA driver on this machine (nvidia-smi on PATH) that torch cannot use, as with a too-old driver."""
+    """An NVIDIA driver on this machine (nvidia-smi on PATH) that torch cannot use, as with a
+    too-old driver."""
     real_which = util.shutil.which
 
     def cuda_unavailable():
-        warnings.warn("CUDA initialization: The NVIDIA driver on your system is too old (found version 11040). "
+        warnings.warn("CUDA initialization: The NVIDIA driver on your system is too old (found "
+                      "version 11040). "
                       "Please update your GPU driver by downloading and installing a new version")
         return False
 
-    monkeypatch.setattr(util.shutil, "which", lambda name: "/usr/bin/nvidia-smi" if name == "nvidia-smi"
+    monkeypatch.setattr(util.shutil, "which",
+                        lambda name: "/usr/bin/nvidia-smi" if name == "nvidia-smi"
                         else real_which(name))
     monkeypatch.setattr(torch.cuda, "is_available", cuda_unavailable)
     monkeypatch.setattr(torch.version, "cuda", "13.2")
@@ -122,17 +137,20 @@ def unusable_gpu(monkeypatch):
 
 
 def test_auto_with_an_unusable_gpu_is_one_line(unusable_gpu):
-    """device auto with an NVIDIA GPU that torch cannot use: one line with torch's CUDA, its reason and remedies."""
+    """device auto with an NVIDIA GPU that torch cannot use: one line with torch's CUDA, its reason
+    and remedies."""
     with pytest.raises(UserError) as err:
         util.pick_device("auto")
     msg = str(err.value)
     assert "\n" not in msg
-    for part in ("NVIDIA GPU", "CUDA 13.2", "driver on your system is too old (found version 11040)",
+    for part in ("NVIDIA GPU", "CUDA 13.2",
+                 "driver on your system is too old (found version 11040)",
                  "update the NVIDIA driver", "install a torch build", "train.device=cpu"):
         assert part in msg, (part, msg)
     with pytest.raises(UserError, match="pass device=cpu"):  # sample.py's key
         util.pick_device("auto", key="device")
-    with pytest.raises(UserError, match="CUDA 13.2.*train.device=cpu"):  # cuda named: the same reason
+    # cuda named: the same reason
+    with pytest.raises(UserError, match="CUDA 13.2.*train.device=cpu"):
         util.pick_device("cuda")
     assert util.pick_device("cpu") == "cpu"  # the CPU, chosen knowingly
 
@@ -140,35 +158,39 @@ def test_auto_with_an_unusable_gpu_is_one_line(unusable_gpu):
 def test_unusable_gpu_with_a_cpu_only_torch(unusable_gpu, monkeypatch):
     """A CPU-only torch on a GPU machine is named as such, with the remedy of a CUDA build."""
     monkeypatch.setattr(torch.version, "cuda", None)
-    with pytest.raises(UserError, match="CPU-only build.*install a CUDA build of torch.*train.device=cpu"):
+    with pytest.raises(UserError,
+                       match="CPU-only build.*install a CUDA build of torch.*train.device=cpu"):
         util.pick_device("auto")
 
 
 def test_hidden_gpus_and_no_gpu_mean_cpu(unusable_gpu, monkeypatch):
-    """CUDA_VISIBLE_DEVICES='' hides the GPU on purpose: auto is the CPU; without a GPU, cuda stays one line."""
+    """CUDA_VISIBLE_DEVICES='' hides the GPU on purpose: auto is the CPU; without a GPU, cuda stays
+    one line."""
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert util.pick_device("auto") == "cpu"
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     monkeypatch.setattr(util.shutil, "which", lambda name: None)
     assert util.pick_device("auto") == "cpu"  # (no /proc/driver/nvidia here)
-    with pytest.raises(UserError, match="device 'cuda' is not available on this machine: use train.device=auto"):
+    with pytest.raises(UserError, match="device 'cuda' is not available on this machine: "
+                                        "use train.device=auto"):
         util.pick_device("cuda")
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # B2, B3. compile and float16 on CUDA and MPS
 
 
 def on_device(device_type):
-    """A stand-in model whose parameters report device_type (torch.device needs no such device to exist)."""
+    """A stand-in model whose parameters report device_type (torch.device needs no such device to
+    exist)."""
     param = types.SimpleNamespace(device=torch.device(device_type))
     return types.SimpleNamespace(parameters=lambda: iter([param]))
 
 
 def test_compile_on_cuda_without_a_c_compiler_trains_eager(monkeypatch, capsys):
-    """train.compile=true on CUDA with no C compiler (CC unset, no gcc or clang): the model uncompiled and one
-    line naming the remedy; with one (CC, or gcc on PATH) it compiles."""
+    """train.compile=true on CUDA with no C compiler (CC unset, no gcc or clang): the model
+    uncompiled and one line naming the remedy; with one (CC, or gcc on PATH) it compiles."""
     cfg = compose_cfg("train", ["train.compile=true"])
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda m: compiled.append(m) or "compiled")
@@ -197,30 +219,35 @@ def test_compile_on_mps_trains_eager_with_a_note(monkeypatch, capsys):
 
 
 def test_float16_with_the_transformer_energy_is_refused_on_cuda():
-    """float16 + transformer energy on CUDA (dE/dp unscaled) is one line pointing to bfloat16; other energies pass."""
+    """float16 + transformer energy on CUDA (dE/dp unscaled) is one line pointing to bfloat16; other
+    energies pass."""
     with pytest.raises(UserError, match="model.energy=transformer.*train.dtype=bfloat16") as err:
         engine.check_dtype("float16", "cuda", "transformer")
     assert "\n" not in str(err.value)
     for energy in ("linear", "mixture"):
         engine.check_dtype("float16", "cuda", energy)
-    with pytest.raises(UserError, match="CUDA only"):  # off CUDA float16 is refused whatever the energy
+    # off CUDA float16 is refused whatever the energy
+    with pytest.raises(UserError, match="CUDA only"):
         engine.check_dtype("float16", "cpu", "transformer")
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # B4. energies and energy vectors in float32 under autocast
 
 
 def observe_and_think(model, x, p, steps=3):
-    """The energies e, E(p) and dE/dp of the model's energy at candidates p, and the think-loop logits."""
+    """The energies e, E(p) and dE/dp of the model's energy at candidates p, and the think-loop
+    logits."""
     h, e, caches = ebm.observe(model, x)
-    E, dE_dp = ebm.make_energy(model, h, e, caches)(p)
-    return e, E, dE_dp, ebm.system2_logits(model, h, e, steps, caches), (h, caches)
+    energy = ebm.make_energy(model, h, e, caches)
+    E, dE_dp = energy(p)
+    return e, E, dE_dp, ebm.system2_logits(model, e, energy, steps), (h, caches)
 
 
 @pytest.mark.parametrize("energy", ENERGIES)
 def test_energies_are_float32_under_bfloat16_autocast(energy, one_thread):
-    """Under bfloat16 autocast e, E(p), dE/dp and the think logits are float32 and near their float32 values."""
+    """Under bfloat16 autocast e, E(p), dE/dp and the think logits are float32 and near their
+    float32 values."""
     model = make_model(seed=0, dtype=torch.float32, energy=energy, mixture_hidden=16).eval()
     g = torch.Generator().manual_seed(0)
     x = torch.randint(11, (2, 16), generator=g)
@@ -239,31 +266,34 @@ def test_energies_are_float32_under_bfloat16_autocast(energy, one_thread):
 
 
 def test_mixture_energy_ignores_autocast(one_thread):
-    """The mixture's E and dE/dp from the same h under bfloat16 autocast equal their float32 values (no bf16 math)."""
+    """The mixture's E and dE/dp from the same h under bfloat16 autocast equal their float32 values
+    (no bf16 math)."""
     model = make_model(seed=0, dtype=torch.float32, energy="mixture", mixture_hidden=16).eval()
     g = torch.Generator().manual_seed(1)
     h = torch.randn(2, 16, 32, generator=g)
     p = torch.softmax(torch.randn(2, 16, 11, generator=g), -1)
     with torch.no_grad():
         e = model.energies(h)
-        E, dE_dp = ebm.mixture_energy(model, h, e)(p)
+        E, dE_dp = energies.mixture_energy(model, h, e)(p)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            E_ac, dE_dp_ac = ebm.mixture_energy(model, h, e)(p)
-    assert torch.allclose(E_ac, E, rtol=1e-5, atol=1e-6) and torch.allclose(dE_dp_ac, dE_dp, rtol=1e-5, atol=1e-6)
+            E_ac, dE_dp_ac = energies.mixture_energy(model, h, e)(p)
+    assert torch.allclose(E_ac, E, rtol=1e-5, atol=1e-6) and torch.allclose(dE_dp_ac, dE_dp,
+                                                                            rtol=1e-5, atol=1e-6)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # B5. PCD write-back
 
 
 @pytest.mark.parametrize("kind", ["pcd", "fast_pcd"])
 def test_pcd_step_under_deterministic_algorithms(kind, one_thread):
-    """A PCD / fast PCD training step runs with torch.use_deterministic_algorithms(True), twice alike."""
+    """A PCD / fast PCD training step runs with torch.use_deterministic_algorithms(True), twice
+    alike."""
     results = []
     for _ in range(2):
         model = make_model(seed=0, dtype=torch.float32, use_contrastive=True, contrastive_type=kind,
                            n_persistent=8, contrastive_k=2).train()
-        state = ebm.ChainState(model.config)
+        state = contrastive.ReplayState(model.config)
         g = torch.Generator().manual_seed(0)
         x, y = torch.randint(11, (4, 16), generator=g), torch.randint(11, (4, 16), generator=g)
         torch.manual_seed(0)
@@ -274,12 +304,13 @@ def test_pcd_step_under_deterministic_algorithms(kind, one_thread):
             ebm.total_loss(model.config, terms).backward()
         finally:
             torch.use_deterministic_algorithms(previous)
-        results.append((state.replay_chain.clone(), state.fast_weight.clone(), model.energy_head.weight.grad.clone()))
+        results.append((state.replay_chain.clone(), state.fast_weight.clone(),
+                        model.energy_head.weight.grad.clone()))
     for a, b in zip(*results):  # the same computation, same shapes: the same bits
         assert torch.equal(a, b)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # B6. the KV cache under autocast
 
 
@@ -289,21 +320,25 @@ def test_generate_under_autocast_caches_in_bfloat16(energy, one_thread, monkeypa
     model = make_model(seed=0, dtype=torch.float32, energy=energy).eval()
     made = []
     real_new_caches = model.new_caches
-    monkeypatch.setattr(model, "new_caches", lambda *a, **k: made.append(real_new_caches(*a, **k)) or made[-1])
+    monkeypatch.setattr(model, "new_caches", lambda *a,
+                        **k: made.append(real_new_caches(*a, **k)) or made[-1])
     idx = torch.randint(11, (2, 5), generator=torch.Generator().manual_seed(0))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = ebm.generate(model, idx, 14, think_steps=2)  # 19 tokens > block 16: the cache is rebuilt once
+        # 19 tokens > block 16: the cache is rebuilt once
+        out = ebm.generate(model, idx, 14, partial(ebm.system2_logits, steps=2))
     assert out.shape == (2, 19) and int(out.max()) < 11
-    assert len(made) == 2 and all(c.k.dtype == c.v.dtype == torch.bfloat16 for caches in made for c in caches)
+    assert len(made) == 2 and all(c.k.dtype == c.v.dtype == torch.bfloat16 for caches in made
+                                  for c in caches)
     assert model.new_caches(1)[0].k.dtype == torch.float32  # outside autocast: the weights' dtype
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # B7, B8. fused AdamW and TF32
 
 
 def test_fused_adamw_by_device():
-    """AdamW is fused on CUDA and on MPS (torch >= 2.4), not on CPU; the CPU optimizer is the default one."""
+    """AdamW is fused on CUDA and on MPS (torch >= 2.4), not on CPU; the CPU optimizer is the
+    default one."""
     assert model_mod.fused_adamw("cuda") is True
     assert model_mod.fused_adamw("mps") is (torch.__version__ >= "2.4")
     assert model_mod.fused_adamw("cpu") is False
@@ -312,7 +347,8 @@ def test_fused_adamw_by_device():
 
 
 def test_tf32_through_the_current_api():
-    """allow_tf32 sets TF32 for CUDA float32 matmuls through fp32_precision (torch >= 2.9), with no warning."""
+    """allow_tf32 sets TF32 for CUDA float32 matmuls through fp32_precision (torch >= 2.9), with no
+    warning."""
     if not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
         pytest.skip("torch < 2.9: allow_tf32 is the only API")
     before = torch.backends.cuda.matmul.fp32_precision
@@ -325,13 +361,13 @@ def test_tf32_through_the_current_api():
         torch.backends.cuda.matmul.fp32_precision = before
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # B9. the MPS RNG state in ckpt.pt
 
 
 def test_mps_rng_state_round_trips_through_ckpt(corpus, tmp_path, monkeypatch):
-    """Checkpoints saves the device RNG of an MPS run in ckpt.pt and puts it back on resume (a CPU generator stands
-    in for MPS's, through torch.mps.get_rng_state / set_rng_state)."""
+    """Checkpoints saves the device RNG of an MPS run in ckpt.pt and puts it back on resume (a CPU
+    generator stands in for MPS's, through torch.mps.get_rng_state / set_rng_state)."""
     fake = torch.Generator().manual_seed(5)
     monkeypatch.setattr(torch.mps, "get_rng_state", fake.get_state)
     monkeypatch.setattr(torch.mps, "set_rng_state", fake.set_state)
@@ -350,7 +386,7 @@ def test_mps_rng_state_round_trips_through_ckpt(corpus, tmp_path, monkeypatch):
     assert len(saved["mps"]) == 1 and "cuda" not in saved
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # B10. bench.py
 
 
@@ -361,15 +397,17 @@ def test_matmul_peak_in_the_training_dtype(one_thread):
 
 
 def test_flop_count_of_a_matmul_and_its_gradients(one_thread):
-    """bench.counted_flops: 2mnk for an (m, k) @ (k, n) matmul; its backward adds twice that (both inputs)."""
+    """bench.counted_flops: 2mnk for an (m, k) @ (k, n) matmul; its backward adds twice that (both
+    inputs)."""
     a, b = torch.randn(3, 5, requires_grad=True), torch.randn(5, 7, requires_grad=True)
     assert bench.counted_flops(lambda: a @ b) == 2 * 3 * 5 * 7
     assert bench.counted_flops(lambda: (a @ b).sum().backward()) == 3 * 2 * 3 * 5 * 7
 
 
 def test_flop_count_sees_the_double_backward(one_thread, tmp_path):
-    """An EBT step is counted with its dE/dp (autograd.grad with create_graph) and the backward through it:
-    with 2 think steps through every block, over 3 times the FLOPs of the same model's step without them."""
+    """An EBT step is counted with its dE/dp (autograd.grad with create_graph) and the backward
+    through it: with 2 think steps through every block, over 3 times the FLOPs of the same model's
+    step without them."""
     from helpers import TINY_MODEL, compose_cfg, write_corpus
     from engine import setup, train_step
 
@@ -378,6 +416,7 @@ def test_flop_count_sees_the_double_backward(one_thread, tmp_path):
                                              f"data.data_path={corpus}"])
     _, data, model, optimizer, state = setup(cfg)
     x, y = data.batch("train", 2, torch.Generator().manual_seed(0), "cpu")
-    flops = {k: bench.counted_flops(lambda: train_step(model, optimizer, x, y, state, cfg, think_steps=k))
+    flops = {k: bench.counted_flops(lambda: train_step(model, optimizer, x, y, state, cfg,
+                                                       think_steps=k))
              for k in (0, 2)}
     assert flops[2] > 3 * flops[0] > 0

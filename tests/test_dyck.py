@@ -1,4 +1,5 @@
-"""The balanced-bracket data (dyck.py): every line a correct task, bins where they claim, deterministic."""
+"""The balanced-bracket data (dyck.py): every line a correct task, bins where they claim,
+deterministic."""
 
 import re
 
@@ -9,8 +10,8 @@ from helpers import TINY, run_train
 
 
 def closing(prefix):
-    """The completion by another route than dyck.py's stack: strip matched pairs until none is left, then
-    close what remains, innermost first (None if a closer does not match)."""
+    """The completion by another route than dyck.py's stack: strip matched pairs until none is left,
+    then close what remains, innermost first (None if a closer does not match)."""
     while True:
         shorter = re.sub(r"\(\)|\[\]", "", prefix)
         if shorter == prefix:
@@ -27,7 +28,8 @@ def text():
 
 
 def test_training_lines_are_correct_tasks_within_the_training_bounds(text):
-    """Each line is prefix=completion, the completion closes the prefix, depth <= 8, span <= 24, length <= 48."""
+    """Each line is prefix=completion, the completion closes the prefix, depth <= 8, span <= 24,
+    length <= 48."""
     lines = text.splitlines()
     assert text.endswith("\n") and len(text) >= dyck.TRAIN_CHARS and len(lines) > 10_000
     depths = set()
@@ -43,7 +45,8 @@ def test_training_lines_are_correct_tasks_within_the_training_bounds(text):
 
 
 def test_measure_finds_depth_span_and_errors():
-    """measure: depth and longest opener-closer distance of a word; a wrong or stray closer is unbalanced."""
+    """measure: depth and longest opener-closer distance of a word; a wrong or stray closer is
+    unbalanced."""
     assert dyck.measure("([])[]") == (True, 2, 3)
     assert dyck.measure("(((") == (False, 3, 0)
     assert not dyck.measure("(]")[0] and not dyck.measure(")(")[0] and not dyck.measure("([)]")[0]
@@ -58,8 +61,8 @@ def test_generation_is_deterministic_from_the_seed():
 
 
 def test_eval_bins_hold_what_they_claim(text):
-    """Each bin's tasks are correct, distinct, held out from training prefixes, in its depth and span ranges,
-    and fit a block of 64 (prefix, =, completion)."""
+    """Each bin's tasks are correct, distinct, held out from training prefixes, in its depth and
+    span ranges, and fit a block of 64 (prefix, =, completion)."""
     train_prefixes = {line.split(dyck.SEP)[0] for line in text.splitlines()}
     sets = dyck.eval_sets(1, 200, exclude=train_prefixes)
     assert list(sets) == list(dyck.BINS)
@@ -75,7 +78,8 @@ def test_eval_bins_hold_what_they_claim(text):
 
 
 def test_train_on_dyck_writes_the_data_and_trains(tmp_path):
-    """data.data_path=dyck.txt, missing: train.py writes dyck.training_text() there and trains on it."""
+    """data.data_path=dyck.txt, missing: train.py writes dyck.training_text() there and trains on
+    it."""
     path = tmp_path / "dyck.txt"
     run_train(TINY + [f"data.data_path={path}", f"out_dir={tmp_path / 'out'}"])
     assert path.read_text() == dyck.training_text()
@@ -95,38 +99,48 @@ def dyck_model(tmp_path_factory):
 
 
 def test_complete_equals_cached_generation(dyck_model):
-    """complete (a full pass per character) picks the same characters as ebm.generate with its KV cache."""
+    """complete (a full pass per character) picks the same characters as ebm.generate with its KV
+    cache."""
+    from functools import partial
+
     import torch
 
-    from ebm import generate
+    from ebm import generate, system2_logits
     model, vocab = dyck_model
     prefixes = ["(([", "[]()", "[[(("]
     for prefix in prefixes:
         ours = dyck.complete(model, vocab, [prefix], 6, think_steps=2)[0]
         idx = torch.tensor([vocab.encode("\n" + prefix + dyck.SEP)])
-        theirs = vocab.decode(generate(model, idx, 6, 2)[0, -6:].tolist())
+        theirs = vocab.decode(generate(model, idx, 6, partial(system2_logits,
+                                                              steps=2))[0, -6:].tolist())
         assert ours == theirs, prefix
 
 
 def test_exact_verifier_of_linear_energy_is_greedy_system1(dyck_model):
-    """Linear energy: the argmin of e over the vocabulary is System 1's argmax, so exact decoding = K=0."""
+    """Linear energy: the argmin of e over the vocabulary is System 1's argmax, so exact decoding =
+    K=0."""
     model, vocab = dyck_model
     tasks = dyck.eval_sets(2, 10)["in_distribution"]
-    assert dyck.score(model, vocab, tasks, exact=True)["exact_match"] == dyck.score(model, vocab, tasks)["exact_match"]
+    exact = dyck.score(model, vocab, tasks, exact=True)["exact_match"]
+    assert exact == dyck.score(model, vocab, tasks)["exact_match"]
     prefixes = [p for p, _ in tasks if len(p) == len(tasks[0][0])]
-    assert dyck.complete(model, vocab, prefixes, 5, exact=True) == dyck.complete(model, vocab, prefixes, 5)
+    assert dyck.complete(model, vocab, prefixes, 5, exact=True) == dyck.complete(model, vocab,
+                                                                                 prefixes, 5)
 
 
 def test_score_counts_whole_completions_and_the_newline(dyck_model, monkeypatch):
-    """A completion counts only with its newline; accuracy is per character; the compute is per task."""
+    """A completion counts only with its newline; accuracy is per character; the compute is per
+    task."""
     model, vocab = dyck_model
     tasks = [("((", "))"), ("[", "]"), ("([", "])")]
     answers = {"((": "))\n", "[": "]x", "([": "])\n"}  # the second misses its newline
-    monkeypatch.setattr(dyck, "complete", lambda m, v, prefixes, n, *a: [answers[p][:n].ljust(n, "x") for p in prefixes])
-    r = dyck.score(model, vocab, tasks, think_steps=2, samples=3)
+    monkeypatch.setattr(dyck, "complete", lambda m, v, prefixes, n,
+                        *a: [answers[p][:n].ljust(n, "x") for p in prefixes])
+    r = dyck.score(model, vocab, tasks, think_steps=2, starts=3)
     assert r["exact_match"]["mean"] == pytest.approx(2 / 3) and r["tasks"] == 3
     assert r["char_accuracy"]["mean"] == pytest.approx((1 + 0.5 + 1) / 3)
-    assert r["passes_per_task"] == pytest.approx(8 / 3) and r["think_steps_per_task"] == pytest.approx(8 / 3 * 6)
+    assert (r["passes_per_task"] == pytest.approx(8 / 3)
+            and r["think_steps_per_task"] == pytest.approx(8 / 3 * 6))
     assert r["exact_match"]["lo"] <= 2 / 3 <= r["exact_match"]["hi"]
 
 
@@ -140,16 +154,19 @@ def test_bootstrap_interval_is_over_tasks():
 
 
 def test_beam_search_of_width_one_is_greedy_and_wide_beams_find_the_most_likely(dyck_model):
-    """Width 1 is greedy; a beam as wide as all V^2 two-character continuations finds the most likely one."""
+    """Width 1 is greedy; a beam as wide as all V^2 two-character continuations finds the most
+    likely one."""
     import itertools
 
     import torch
     model, vocab = dyck_model
     V = len(vocab)
     for prefix in ["(([", "[]("]:
-        assert dyck.beam_complete(model, vocab, prefix, 4, 1) == dyck.complete(model, vocab, [prefix], 4)[0]
+        assert dyck.beam_complete(model, vocab, prefix, 4, 1) == dyck.complete(model, vocab,
+                                                                               [prefix], 4)[0]
         best, best_lp = None, -float("inf")
-        for pair in itertools.product(vocab.chars, repeat=2):  # brute force: the likelihood of every pair
+        # brute force: the likelihood of every pair
+        for pair in itertools.product(vocab.chars, repeat=2):
             idx = torch.tensor([vocab.encode("\n" + prefix + dyck.SEP + "".join(pair))])
             h, e, _ = dyck.observe(model, idx)
             lp = torch.log_softmax(-e[0].double() / model.config.softmax_temperature, -1)

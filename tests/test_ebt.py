@@ -1,16 +1,19 @@
-"""The EBT think rule (z <- p - alpha dE/dp) and its two recipes (preset=ebt, preset=ebt_s2), the smooth clip,
-self-verification by energy, and the exact verifier's one-hot energies."""
+"""The EBT think rule (z <- p - alpha dE/dp) and its two recipes (preset=ebt, preset=ebt_s2), the
+smooth clip, self-verification by energy, and the exact verifier's one-hot energies."""
 
 import math
+from functools import partial
 
 import pytest
 import torch
 from torch.nn import functional as F
 
+import contrastive
 import ebm
-import engine
+import energies
 import eval as eval_mod
-from conftest import assert_no_leak, make_model, perturb
+import engine
+from conftest import assert_no_leak, free_energy_rule, make_model, perturb
 from helpers import TINY, TINY_MODEL, compose_cfg, read_metrics, run_sample, run_train, write_corpus
 from util import UserError
 
@@ -19,12 +22,17 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 V = 11
 D = torch.float64
 # the two official recipes as model config (the presets' model keys), for unit tests on tiny models
-S1 = dict(energy="transformer", energy_layers=0, cand_embed="linear", think_rule="ebt", think_start="noise",
-          think_steps=2, think_step_embed=True, think_lr=5.0, think_lr_learnable=True, ce_all_steps=True,
+S1 = dict(energy="transformer", energy_layers=0, cand_embed="linear", think_rule="ebt",
+          think_start="noise",
+          think_steps=2, think_step_embed=True, think_lr=5.0, think_lr_learnable=True,
+          ce_all_steps=True,
           think_detach=True, aux_ce_weight=0.0, verify_by="energy")
-S2 = dict(energy="transformer", energy_layers=0, cand_embed="linear", think_rule="ebt", think_start="noise",
-          think_steps=3, think_steps_random=True, think_steps_min=2, think_lr=5.0, think_lr_spread=2.0,
-          think_noise=3.0, think_truncate=True, replay_size=8, replay_frac=0.5, aux_ce_weight=0.0, verify_by="energy")
+S2 = dict(energy="transformer", energy_layers=0, cand_embed="linear", think_rule="ebt",
+          think_start="noise",
+          think_steps=3, think_steps_random=True, think_steps_min=2, think_lr=5.0,
+          think_lr_spread=2.0,
+          think_noise=3.0, think_truncate=True, replay_size=8, replay_frac=0.5, aux_ce_weight=0.0,
+          verify_by="energy")
 
 
 def batch(B=2, T=16, seed=0):
@@ -32,28 +40,32 @@ def batch(B=2, T=16, seed=0):
     return seq[:, :-1], seq[:, 1:]
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the step
 
 
 @pytest.mark.parametrize("energy", ["linear", "mixture", "transformer"])
 def test_ebt_step_is_p_minus_alpha_autograd_dE_dp(energy):
-    """Two EBT steps equal z_{k+1} = p_k - alpha * dE/dp(p_k, step k) with dE/dp from autograd (float64)."""
-    extra = dict(cand_embed="linear", think_step_embed=True, think_steps=2) if energy == "transformer" else {}
-    model = perturb(make_model(energy=energy, think_rule="ebt", mixture_stopgrad=False, **extra)).eval()
+    """Two EBT steps equal z_{k+1} = p_k - alpha * dE/dp(p_k, step k) with dE/dp from autograd
+    (float64)."""
+    extra = dict(cand_embed="linear", think_step_embed=True,
+                 think_steps=2) if energy == "transformer" else {}
+    model = perturb(make_model(energy=energy, think_rule="ebt", mixture_stopgrad=False,
+                               **extra)).eval()
     idx, _ = batch()
     caches = model.new_caches(idx.size(0)) if energy == "transformer" else None
     h = model(idx, caches)
     e = model.energies(h)
     z = torch.randn(*e.shape, dtype=D, generator=torch.Generator().manual_seed(1))
     alpha = 0.7
-    zs = ebm.think(z, ebm.make_energy(model, h, e, caches), 2, alpha, 0.1, rule="ebt")
+    zs = ebm.think(z, ebm.make_energy(model, h, e, caches), 2, partial(ebm.ebt_step, lr=alpha))
 
     def E(p, k):  # the energy written out, differentiated by autograd
         if energy == "linear":
             return (p * e).sum(-1)
         if energy == "mixture":
-            g = model.mix_proj(F.gelu(model.mix_fc(torch.cat([h, p @ model.transformer.wte.weight], -1))))
+            g = model.mix_proj(F.gelu(model.mix_fc(torch.cat([h, p @ model.transformer.wte.weight],
+                                                             -1))))
             return (p * e).sum(-1) + model.mix_beta * g[..., 0]
         return model.candidate_energy(model.cand_proj(p), caches, k)
 
@@ -66,7 +78,8 @@ def test_ebt_step_is_p_minus_alpha_autograd_dE_dp(energy):
 
 
 def test_step_embedding_gives_each_step_its_landscape():
-    """With think_step_embed the energy differs between step indices; steps past the last reuse the last."""
+    """With think_step_embed the energy differs between step indices; steps past the last reuse the
+    last."""
     model = perturb(make_model(energy="transformer", think_step_embed=True, think_steps=2)).eval()
     idx, _ = batch()
     caches = model.new_caches(idx.size(0))
@@ -74,16 +87,18 @@ def test_step_embedding_gives_each_step_its_landscape():
     cand = torch.randn(2, 16, 32, dtype=D)
     E0, E1, E5, Enone = (model.candidate_energy(cand, caches, k) for k in (0, 1, 5, None))
     assert (E0 - E1).abs().max() > 1e-6
-    assert torch.allclose(E5, E1, rtol=0, atol=1e-12) and torch.allclose(Enone, E1, rtol=0, atol=1e-12)
+    assert torch.allclose(E5, E1, rtol=0, atol=1e-12) and torch.allclose(Enone, E1, rtol=0,
+                                                                         atol=1e-12)
 
 
 def test_think_lr_spread_draws_per_position_in_range():
-    """think_lr_spread=s: while training, eta per position uniform in [eta / s, eta * s]; off in eval."""
+    """think_lr_spread=s: while training, eta per position uniform in [eta / s, eta * s]; off in
+    eval."""
     model = make_model(think_lr=2.0, think_lr_spread=2.0)
     z = torch.zeros(4, 50, V, dtype=D)
-    lr = ebm.step_size(model, z, training=True)
+    lr = ebm.step_size(model.train(), z)
     assert lr.shape == (4, 50, 1) and lr.min() >= 1.0 and lr.max() <= 4.0 and lr.std() > 0.3
-    assert ebm.step_size(model, z, training=False) == 2.0
+    assert ebm.step_size(model.eval(), z) == 2.0
 
 
 def test_think_start_options():
@@ -91,33 +106,38 @@ def test_think_start_options():
     z0 = torch.randn(3, 5, V, dtype=D)
     cfg = make_model().config
     for start, check in (("s1", lambda s: torch.equal(s, z0)), ("zeros", lambda s: (s == 0).all()),
-                         ("noise", lambda s: abs(s.std().item() - 1) < 0.2 and not torch.equal(s, z0))):
+                         ("noise",
+                          lambda s: abs(s.std().item() - 1) < 0.2 and not torch.equal(s, z0))):
         cfg.think_start = start
         assert check(ebm.think_start(cfg, z0)), start
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the recipes: no leak, gradients through dE/dp
 
 
 @pytest.mark.parametrize("recipe", ["S1", "S2"])
 def test_no_leak_from_future_tokens_in_ebt_recipes(recipe):
-    """Per-position loss terms at positions <= t do not change when tokens after x_{t+1} change (train and eval)."""
+    """Per-position loss terms at positions <= t do not change when tokens after x_{t+1} change
+    (train and eval)."""
     model = perturb(make_model(**(S1 if recipe == "S1" else S2), think_samples=3), 0.1)
-    seq = torch.randint(V, (2, 17), generator=torch.Generator().manual_seed(7))  # block_size windows: the
+    # block_size windows: the
+    seq = torch.randint(V, (2, 17), generator=torch.Generator().manual_seed(7))
     assert_no_leak(model, seq, (0, 6, 13))  # replay buffer stores whole ones
 
 
 def s2_loss(model, idx, targets):
     torch.manual_seed(5)  # the same noise start, noise, step sizes and step count every call
-    return ebm.total_loss(model.config, ebm.losses(model, idx, targets, ebm.ChainState(model.config).to(D)))
+    return ebm.total_loss(model.config, ebm.losses(model, idx, targets,
+                                                   contrastive.ReplayState(model.config).to(D)))
 
 
 @pytest.mark.parametrize("truncate", [True, False])
 def test_s2_recipe_double_backward_reaches_parameters(truncate):
-    """S2 (graph kept between steps): the loss reaches the energy's parameters only through dE/dp (double
-    backward). Without truncation the gradient matches a central finite difference along a random direction
-    (float64); truncated, it is the last step's share of it, so it only has to exist."""
+    """S2 (graph kept between steps): the loss reaches the energy's parameters only through dE/dp
+    (double backward). Without truncation the gradient matches a central finite difference along a
+    random direction (float64); truncated, it is the last step's share of it, so it only has to
+    exist."""
     model = perturb(make_model(**{**S2, "think_truncate": truncate})).train()
     idx, targets = batch()
     params = [p for p in model.parameters()]
@@ -131,7 +151,8 @@ def test_s2_recipe_double_backward_reaches_parameters(truncate):
     gen = torch.Generator().manual_seed(3)
     direction = [torch.randn(p.shape, dtype=D, generator=gen) for p in params]
     analytic = sum((g * d).sum() for g, d in zip(grads, direction) if g is not None)
-    eps = 1e-7  # the truncation error of a central difference grows with the curvature: 1e-5 is 1e-3 off here
+    # the truncation error of a central difference grows with the curvature: 1e-5 is 1e-3 off here
+    eps = 1e-7
 
     def shifted(sign):
         with torch.no_grad():
@@ -148,8 +169,9 @@ def test_s2_recipe_double_backward_reaches_parameters(truncate):
 
 
 def test_s1_detach_trains_each_step_alone():
-    """S1 (think_detach): the candidate carries no graph into the next step, so the loss of step 2 does not
-    depend on step 1's energy: with ce over the last step only, the step embedding of step 0 gets no gradient."""
+    """S1 (think_detach): the candidate carries no graph into the next step, so the loss of step 2
+    does not depend on step 1's energy: with ce over the last step only, the step embedding of step
+    0 gets no gradient."""
     model = perturb(make_model(**{**S1, "ce_all_steps": False})).train()
     idx, targets = batch()
     torch.manual_seed(0)
@@ -159,16 +181,19 @@ def test_s1_detach_trains_each_step_alone():
 
 
 def training_curve(model, steps):
-    """The losses of `steps` AdamW steps (the same batches and seeds every call) and the first step's gradients."""
+    """The losses of `steps` AdamW steps (the same batches and seeds every call) and the first
+    step's gradients."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    state, curve, first = ebm.ChainState(model.config).to(model.energy_head.weight.dtype), [], None
+    state = contrastive.ReplayState(model.config).to(model.energy_head.weight.dtype)
+    curve, first = [], None
     for i in range(steps):
         idx, targets = batch(B=4, seed=i)
         torch.manual_seed(i)  # noise starts, step sizes, step counts
         loss = ebm.total_loss(model.config, ebm.losses(model, idx, targets, state))
         optimizer.zero_grad()
         loss.backward()
-        first = first or {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        first = first or {n: p.grad.clone() for n,
+                          p in model.named_parameters() if p.grad is not None}
         optimizer.step()
         curve.append(loss.item())
     return curve, first
@@ -177,12 +202,14 @@ def training_curve(model, steps):
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["S1", "S2"])
 def test_compiled_dE_dp_trains_as_eager(recipe):
-    """train.compile's E and dE/dp (ebm.compile_dE_dp: the double backward runs through a compiled graph) give
-    the eager parameter gradients within 1e-5 relative in float32, and a 10-step loss curve within 1e-9 in
-    float64 (in float32 S2's noisy steps amplify rounding: 1e-5 at step 2 is 1e-2 by step 6, compiled or not)."""
+    """train.compile's E and dE/dp (energies.compile_dE_dp: the double backward runs through a
+    compiled graph) give the eager parameter gradients within 1e-5 relative in float32, and a
+    10-step loss curve within 1e-9 in float64 (in float32 S2's noisy steps amplify rounding: 1e-5 at
+    step 2 is 1e-2 by step 6, compiled or not)."""
     for dtype, steps, rel in ((torch.float32, 1, 1e-6), (torch.float64, 10, 1e-9)):
-        models = [perturb(make_model(dtype=dtype, **(S1 if recipe == "S1" else S2))).train() for _ in "ab"]
-        ebm.compile_dE_dp(models[1])
+        models = [perturb(make_model(dtype=dtype,
+                                     **(S1 if recipe == "S1" else S2))).train() for _ in "ab"]
+        energies.compile_dE_dp(models[1])
         (eager, g_eager), (comp, g_comp) = (training_curve(m, steps) for m in models)
         assert g_eager.keys() == g_comp.keys() and "energy_readout.weight" in g_eager
         for n, g in g_eager.items():
@@ -190,7 +217,7 @@ def test_compiled_dE_dp_trains_as_eager(recipe):
         assert comp == pytest.approx(eager, rel=rel), dtype
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the smooth clip and self-verification by energy
 
 
@@ -208,57 +235,67 @@ def test_smooth_clip_values_and_gradient_against_autograd():
 
 
 def test_smooth_clip_step_against_autograd_of_F():
-    """A free-energy step with think_clip=smooth is z - m * tanh(lr * dF/dz / m), dF/dz by autograd (float64)."""
+    """A free-energy step with think_clip=smooth is z - m * tanh(lr * dF/dz / m), dF/dz by autograd
+    (float64)."""
     e = torch.randn(3, 7, V, dtype=D)
     z = torch.randn(3, 7, V, dtype=D, requires_grad=True)
     lr, tau, m = 0.9, 0.2, 0.25
     (dF,) = torch.autograd.grad(ebm.free_energy(z, ebm.linear_energy(e), tau)[1].sum(), z)
-    z1 = ebm.think(z.detach(), ebm.linear_energy(e), 1, lr, tau, m, clip="smooth")[1]
+    z1 = ebm.think(z.detach(), ebm.linear_energy(e), 1, free_energy_rule(lr, tau, m, "smooth"))[1]
     assert torch.allclose(z1, z.detach() - m * torch.tanh(lr * dF / m), rtol=1e-10, atol=1e-12)
 
 
 def test_verify_by_energy_keeps_the_lowest_energy(monkeypatch):
     """verify_by=energy keeps, per position, the candidate with the lowest final E (not F)."""
-    model = perturb(make_model(energy="mixture", mixture_stopgrad=False, entropy_weight=1.0), 0.5).eval()
+    model = perturb(make_model(energy="mixture", mixture_stopgrad=False, entropy_weight=1.0),
+                    0.5).eval()
     idx, _ = batch(2, 16)
     h = model(idx)
     e = model.energies(h)
     calls, real_think = [], ebm.think
-    monkeypatch.setattr(ebm, "think", lambda *a, **k: calls.append(real_think(*a, **k)) or calls[-1])
+    monkeypatch.setattr(ebm, "think", lambda *a,
+                        **k: calls.append(real_think(*a, **k)) or calls[-1])
     M = 6
     torch.manual_seed(0)
-    zs, chosen = ebm.system2_logits(model, h, e, 2, samples=M, return_chosen=True, verify_by="energy")
-    E, free = ebm.free_energy(calls[0][-1], ebm.make_energy(model, h, e), model.config.entropy_weight)  # (M, B, T)
+    zs, chosen = ebm.self_verify(model, e, ebm.make_energy(model, h, e), 2, M, "energy")
+    # (M, B, T)
+    E, free = ebm.free_energy(calls[0][-1], ebm.make_energy(model, h, e),
+                              model.config.entropy_weight)
     assert torch.equal(chosen, E.argmin(0))
-    assert not torch.equal(E.argmin(0), free.argmin(0))  # the two rankings differ here: the test can tell
+    # the two rankings differ here: the test can tell
+    assert not torch.equal(E.argmin(0), free.argmin(0))
     best = calls[0][-1].gather(0, chosen[None, ..., None].expand(1, *zs[-1].shape)).squeeze(0)
     assert torch.equal(zs[-1], best)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the exact verifier's energies
 
 
-@pytest.mark.parametrize("energy, cand_embed", [("linear", "wte"), ("mixture", "wte"), ("transformer", "wte"),
+@pytest.mark.parametrize("energy, cand_embed", [("linear", "wte"), ("mixture", "wte"),
+                                                ("transformer", "wte"),
                                                ("transformer", "linear")])
 def test_onehot_energies_match_a_loop_over_tokens(energy, cand_embed):
-    """onehot_energies (..., V) equals E(x, onehot(v)) computed one token v at a time by the energy itself."""
-    model = perturb(make_model(energy=energy, cand_embed=cand_embed, think_step_embed=energy == "transformer"))
+    """onehot_energies (..., V) equals E(x, onehot(v)) computed one token v at a time by the energy
+    itself."""
+    model = perturb(make_model(energy=energy, cand_embed=cand_embed,
+                               think_step_embed=energy == "transformer"))
     model.eval()
     idx, _ = batch(3, 16)
     caches = model.new_caches(3) if energy == "transformer" else None
     h = model(idx, caches)
     e = model.energies(h)
-    fast = ebm.onehot_energies(model, h, e, caches, chunk=4)
+    fast = energies.onehot_energies(model, h, e, caches, chunk=4)
     energy_fn = ebm.make_energy(model, h, e, caches)
-    loop = torch.stack([energy_fn(F.one_hot(torch.full(e.shape[:-1], v), V).to(D))[0] for v in range(V)], -1)
+    loop = torch.stack([energy_fn(F.one_hot(torch.full(e.shape[:-1], v),
+                                            V).to(D))[0] for v in range(V)], -1)
     assert fast.shape == e.shape
     assert torch.allclose(fast, loop, rtol=1e-9, atol=1e-11)
     if energy == "linear":
         assert torch.equal(fast, e)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # config checks
 
 
@@ -292,7 +329,7 @@ def test_inert_ebt_options_are_refused(overrides):
         engine.check_config(compose_cfg("train", overrides))
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # end to end: the presets train, sample and evaluate; random text stays random
 
 
@@ -305,10 +342,13 @@ def random_text(tmp_path_factory):
 
 @pytest.mark.parametrize("preset", ["ebt", "ebt_s2"])
 def test_no_leak_on_random_text_in_ebt_presets(preset, random_text, tmp_path, capsys):
-    """200 steps of either recipe on random text over 20 letters keep every val loss >= ln 20 - 0.05."""
+    """200 steps of either recipe on random text over 20 letters keep every val loss >= ln 20 -
+    0.05."""
     run_train([f"preset={preset}"] + TINY_MODEL + [
-        "data.batch_size=4", f"data.data_path={random_text}", "data.block_size=16", "train.max_steps=200",
-        "train.eval_interval=50", "train.eval_iters=8", "train.learning_rate=1e-2", "train.warmup_steps=10",
+        "data.batch_size=4", f"data.data_path={random_text}", "data.block_size=16",
+                                                   "train.max_steps=200",
+        "train.eval_interval=50", "train.eval_iters=8", "train.learning_rate=1e-2",
+                                                   "train.warmup_steps=10",
         "train.log_interval=50", f"out_dir={tmp_path}"])
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == [50, 100, 150, 200]
@@ -318,8 +358,8 @@ def test_no_leak_on_random_text_in_ebt_presets(preset, random_text, tmp_path, ca
 
 @pytest.mark.parametrize("preset", ["ebt", "ebt_s2"])
 def test_ebt_presets_train_sample_and_evaluate(preset, tmp_path, capsys):
-    """preset=ebt / ebt_s2 compose to the official recipe, train a tiny model, and sample.py and eval.py
-    think with it (eval.json has the exact verifier and both self-verification rankings)."""
+    """preset=ebt / ebt_s2 compose to the official recipe, train a tiny model, and sample.py and
+    eval.py think with it (eval.json has the exact verifier and both self-verification rankings)."""
     corpus = write_corpus(tmp_path / "corpus.txt", n_chars=20_000)
     cfg = run_train([f"preset={preset}"] + TINY + ["train.max_steps=4", f"data.data_path={corpus}",
                                                     f"out_dir={tmp_path / 'out'}"])
@@ -329,27 +369,35 @@ def test_ebt_presets_train_sample_and_evaluate(preset, tmp_path, capsys):
     if preset == "ebt":
         assert m.think_lr_learnable and m.think_detach and m.ce_all_steps and m.think_step_embed
     else:
-        assert m.think_truncate and m.replay_size > 0 and m.think_lr_spread == 2.0 and m.think_noise > 0
+        assert (m.think_truncate and m.replay_size > 0 and m.think_lr_spread == 2.0
+                and m.think_noise > 0)
     ckpt = tmp_path / "out" / "final.pt"
-    texts = run_sample([f"checkpoint={ckpt}", "max_new_tokens=6", "prompt=ab", "think_samples=2"], capsys)
+    texts = run_sample([f"checkpoint={ckpt}", "max_new_tokens=6", "prompt=ab", "think_samples=2"],
+                       capsys)
     assert len(texts) == 1 and len(texts[0].strip()) >= 8
-    eval_cfg = compose_cfg("eval", [f"checkpoint={ckpt}", "max_tokens=1024", "sweep=[0,1,2]", "samples=[1,2]",
+    eval_cfg = compose_cfg("eval", [f"checkpoint={ckpt}", "max_tokens=1024", "sweep=[0,1,2]",
+                                    "samples=[1,2]",
                                     "epsilons=[0.1]", "device=cpu"])
     r = eval_mod.evaluate_checkpoint(eval_cfg)
-    again = eval_mod.evaluate_checkpoint(eval_cfg)  # noise starts are seeded: the same figures every run
-    assert [row["loss"] for row in again["think_sweep"]] == [row["loss"] for row in r["think_sweep"]]
+    # noise starts are seeded: the same figures every run
+    again = eval_mod.evaluate_checkpoint(eval_cfg)
+    assert [row["loss"] for row in again["think_sweep"]] == [row["loss"]
+                                                             for row in r["think_sweep"]]
     assert again["self_verification"][1]["loss"] == r["self_verification"][1]["loss"]
     x = r["exact_verifier"]
     assert 0 <= x["argmax_is_argmin"] <= 1 and 0 <= x["accuracy"] <= 1 and x["temperature"] > 0
-    assert r["self_verification"][1]["verify_by"] == "energy" and "by_free_energy" in r["self_verification"][1]
+    assert (r["self_verification"][1]["verify_by"] == "energy"
+            and "by_free_energy" in r["self_verification"][1])
     assert "energy_gap" in r["uncertainty"]
 
 
 def test_resume_with_another_step_embedding_is_refused(tmp_path, capsys):
-    """The step embedding has one row per think step: resuming with other think_steps (or without it) is refused."""
+    """The step embedding has one row per think step: resuming with other think_steps (or without
+    it) is refused."""
     corpus = write_corpus(tmp_path / "corpus.txt", n_chars=5_000)
     base = ["preset=ebt"] + TINY + [f"data.data_path={corpus}", f"out_dir={tmp_path / 'out'}"]
     run_train(base)
-    for change, key in (("model.think_steps=3", "model.think_steps"), ("model.cand_embed=wte", "model.cand_embed")):
+    for change, key in (("model.think_steps=3", "model.think_steps"),
+                        ("model.cand_embed=wte", "model.cand_embed")):
         with pytest.raises(UserError, match=f"another {key}"):
             run_train(base + ["train.resume=true", "train.max_steps=6", change])

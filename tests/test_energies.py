@@ -1,4 +1,5 @@
-"""Tests of the candidate-conditioned energies (mixture, transformer/EBT) and the EBT think options."""
+"""Tests of the candidate-conditioned energies (mixture, transformer/EBT) and the EBT think
+options."""
 
 import math
 
@@ -6,11 +7,14 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+import contrastive
 import ebm
+import energies
 import train as train_mod
-from conftest import assert_no_leak, make_model, perturb
+from conftest import assert_no_leak, free_energy_rule, make_model, perturb
 from helpers import TINY_MODEL, run_train, write_corpus
 from model import rotary, rotate
+from sample import thinking
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -59,48 +63,52 @@ def one_train_loss(model, idx, targets, state=None, seed=0):
     return terms, ebm.total_loss(model.config, terms)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 1. mixture energy
 
 
 def test_mixture_energy_gradient_matches_autograd():
-    """mixture: the returned dE/dp equals autograd's dE/dp (float64, random p on the simplex), both stopgrad modes."""
+    """mixture: the returned dE/dp equals autograd's dE/dp (float64, random p on the simplex), both
+    stopgrad modes."""
     model = perturb(make_model(energy="mixture", mixture_hidden=16, mixture_stopgrad=False), 0.3)
     h = rand(2, 5, N_EMBD, seed=1)
     e = rand(2, 5, V, seed=2)
     p = rand_p(2, 5, V, seed=3).requires_grad_(True)
-    E, dE_dp = ebm.mixture_energy(model, h, e)(p)
+    E, dE_dp = energies.mixture_energy(model, h, e)(p)
     assert E.shape == (2, 5) and dE_dp.shape == (2, 5, V)
     (auto,) = torch.autograd.grad(E.sum(), p)
     assert torch.allclose(dE_dp, auto, rtol=1e-10, atol=1e-12)
     assert (auto - e).abs().max() > 1e-2  # g contributes: this is not the linear energy vector
     # stopgrad changes what backprop sees, not the values
     model.config.mixture_stopgrad = True
-    E2, dE_dp2 = ebm.mixture_energy(model, h, e)(p)
-    assert torch.allclose(E2, E, rtol=0, atol=1e-14) and torch.allclose(dE_dp2, dE_dp, rtol=0, atol=1e-14)
+    E2, dE_dp2 = energies.mixture_energy(model, h, e)(p)
+    assert torch.allclose(E2, E, rtol=0, atol=1e-14) and torch.allclose(dE_dp2, dE_dp, rtol=0,
+                                                                        atol=1e-14)
 
 
 @pytest.mark.parametrize("tau", [0.0, 0.3])
 def test_mixture_think_step_is_exact_gradient_step(tau):
-    """mixture, stopgrad off: one think step is z - lr * autograd dF/dz, F(z) = E(softmax z) - tau H (no clip)."""
+    """mixture, stopgrad off: one think step is z - lr * autograd dF/dz, F(z) = E(softmax z) - tau H
+    (no clip)."""
     model = perturb(make_model(energy="mixture", mixture_hidden=16, mixture_stopgrad=False), 0.3)
     h = rand(3, 4, N_EMBD, seed=4)
     e = rand(3, 4, V, seed=5)
     z = rand(3, 4, V, scale=2.0, seed=6).requires_grad_(True)
-    energy = ebm.mixture_energy(model, h, e)
+    energy = energies.mixture_energy(model, h, e)
     (dF,) = torch.autograd.grad(free_energy_of(energy, z, tau).sum(), z)
     lr = 0.7
-    zs = ebm.think(z.detach(), energy, 1, lr, tau, math.inf)
+    zs = ebm.think(z.detach(), energy, 1, free_energy_rule(lr, tau))
     assert len(zs) == 2
     assert torch.allclose(zs[1], z.detach() - lr * dF, rtol=1e-10, atol=1e-12)
     # and g matters for the step: it differs from the linear energy's step
-    lin = ebm.think(z.detach(), ebm.linear_energy(e), 1, lr, tau, math.inf)[1]
+    lin = ebm.think(z.detach(), ebm.linear_energy(e), 1, free_energy_rule(lr, tau))[1]
     assert (lin - zs[1]).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("stopgrad", [True, False])
 def test_mixture_gets_gradients_from_first_step(stopgrad):
-    """Fresh mixture model, one training backward (think_steps=2): mix_fc, mix_proj and mix_beta get non-zero grads."""
+    """Fresh mixture model, one training backward (think_steps=2): mix_fc, mix_proj and mix_beta get
+    non-zero grads."""
     model = make_model(energy="mixture", mixture_stopgrad=stopgrad, think_steps=2).train()
     idx, targets = seq_batch(3, 16)
     _, loss = one_train_loss(model, idx, targets)
@@ -113,23 +121,28 @@ def test_mixture_gets_gradients_from_first_step(stopgrad):
 
 @pytest.mark.parametrize("scale,min_rel_diff", [(0.0, 1e-10), (0.3, 1e-3)])
 def test_mixture_stopgrad_changes_the_gradient(scale, min_rel_diff):
-    """stopgrad cuts the path through p inside g: same forward values, different mixture-parameter gradients."""
+    """stopgrad cuts the path through p inside g: same forward values, different mixture-parameter
+    gradients."""
     idx, targets = seq_batch(3, 16)
     out = {}
     for stopgrad in (True, False):
         model = make_model(energy="mixture", mixture_stopgrad=stopgrad, think_steps=2).train()
-        perturb(model, scale)  # fresh (0.0: the path through p is small but there) or with larger weights
+        # fresh (0.0: the path through p is small but there) or with larger weights
+        perturb(model, scale)
         terms, loss = one_train_loss(model, idx, targets)
         params = [model.mix_fc.weight, model.mix_proj.weight, model.mix_beta]
         out[stopgrad] = (terms["ce"].detach(), grads(loss, params))
-    assert torch.equal(out[True][0], out[False][0])  # same forward values: detach changes no op, no shape
+    # same forward values: detach changes no op, no shape
+    assert torch.equal(out[True][0], out[False][0])
     for g_sg, g_full in zip(out[True][1], out[False][1]):
-        # float64 rounding is ~1e-16: a relative difference above min_rel_diff is a different gradient
+        # float64 rounding is ~1e-16: a relative difference above min_rel_diff is a different
+        # gradient
         assert (g_sg - g_full).abs().max() > min_rel_diff * g_full.abs().max()
 
 
 def set_argmax_changing_mixture(model, favoured, beta=20.0):
-    """Hand-set weights: g(ybar) ~ -<wte[favoured], ybar>, so dE/dp = e - beta * onehot(favoured) (context ignored)."""
+    """Hand-set weights: g(ybar) ~ -<wte[favoured], ybar>, so dE/dp = e - beta * onehot(favoured)
+    (context ignored)."""
     d = N_EMBD
     with torch.no_grad():
         wte = model.transformer.wte.weight
@@ -145,7 +158,8 @@ def set_argmax_changing_mixture(model, favoured, beta=20.0):
 
 
 def test_mixture_thinking_can_change_the_argmax():
-    """A mixture energy whose g favours token 7 changes argmax z_K vs z_0; a linear energy with the same e cannot."""
+    """A mixture energy whose g favours token 7 changes argmax z_K vs z_0; a linear energy with the
+    same e cannot."""
     favoured = 7
     cfg = {"mixture_hidden": 4, "entropy_weight": 0.0, "think_lr": 0.5, "think_max_move": math.inf,
            "softmax_temperature": 1.0}
@@ -156,28 +170,30 @@ def test_mixture_thinking_can_change_the_argmax():
     e[..., favoured] = e.max() + 0.1  # token 7 has the highest (worst) energy under the linear head
     h = rand(2, 6, N_EMBD, seed=9)
     # the hand-set energy vector really is e - beta * onehot(7)
-    _, dE_dp = ebm.mixture_energy(mix, h, e)(rand_p(2, 6, V, seed=10))
+    _, dE_dp = energies.mixture_energy(mix, h, e)(rand_p(2, 6, V, seed=10))
     assert torch.allclose(dE_dp, e - 20.0 * F.one_hot(torch.tensor(favoured), V), rtol=0, atol=1e-6)
     with torch.no_grad():
-        zs_mix = ebm.system2_logits(mix, h, e, 20)
-        zs_lin = ebm.system2_logits(lin, h, e, 20)
+        zs_mix = ebm.system2_logits(mix, e, ebm.make_energy(mix, h, e), 20)
+        zs_lin = ebm.system2_logits(lin, e, ebm.make_energy(lin, h, e), 20)
     s1 = e.argmin(-1)
     assert torch.equal(zs_mix[0].argmax(-1), s1) and (s1 != favoured).all()
     assert (zs_mix[-1].argmax(-1) == favoured).all()  # thinking changed its mind at every position
     for z in zs_lin:  # linear, tau = 0: the argmax never changes
         assert torch.equal(z.argmax(-1), s1)
     # thinking descended the true free energy
-    energy = ebm.mixture_energy(mix, h, e)
-    assert (free_energy_of(energy, zs_mix[-1], 0.0) < free_energy_of(energy, zs_mix[0], 0.0) - 1.0).all()
+    energy = energies.mixture_energy(mix, h, e)
+    assert (free_energy_of(energy, zs_mix[-1], 0.0) < free_energy_of(energy, zs_mix[0],
+                                                                     0.0) - 1.0).all()
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 2. transformer energy (EBT)
 
 
 def reference_attention(attn, x, mask, pos):
-    """Causal self-attention written out with an explicit boolean mask (S, S) (True = may attend) and the rotary
-    position pos (S,) of each token: queries and keys turned by their own positions' angles."""
+    """Causal self-attention written out with an explicit boolean mask (S, S) (True = may attend)
+    and the rotary position pos (S,) of each token: queries and keys turned by their own positions'
+    angles."""
     B, S, C = x.shape
     nh, hs = attn.n_head, C // attn.n_head
     q, k, v = attn.c_attn(x).split(C, dim=2)
@@ -192,8 +208,9 @@ def reference_attention(attn, x, mask, pos):
 
 def reference_transformer_energy(model, idx, p):
     """
-    E (B, T) recomputed from scratch over the doubled sequence [observed | candidates] with a (2T x 2T) mask:
-    observed i sees observed 0..i; candidate slot t, at x_{t+1}'s rotary position, sees observed 0..t and itself.
+    E (B, T) recomputed from scratch over the doubled sequence [observed | candidates] with a (2T x
+    2T) mask: observed i sees observed 0..i; candidate slot t, at x_{t+1}'s rotary position, sees
+    observed 0..t and itself.
     """
     T = idx.size(1)
     tr = model.transformer
@@ -216,13 +233,15 @@ def reference_transformer_energy(model, idx, p):
 
 
 def transformer_model(seed=0, scale=0.15, **overrides):
-    """A tiny float64 transformer-energy GPT with perturbed weights (non-uniform attention, non-zero marker)."""
+    """A tiny float64 transformer-energy GPT with perturbed weights (non-uniform attention, non-zero
+    marker)."""
     return perturb(make_model(seed=seed, energy="transformer", **overrides), scale, seed=seed)
 
 
 @pytest.mark.parametrize("energy_layers", [0, 1])
 def test_transformer_energy_reuse_equals_recompute(energy_layers):
-    """E, dE/dp and parameter gradients from the reused observed keys/values equal a from-scratch [obs | cand] pass."""
+    """E, dE/dp and parameter gradients from the reused observed keys/values equal a from-scratch
+    [obs | cand] pass."""
     model = transformer_model(energy_layers=energy_layers)
     idx, _ = seq_batch(2, 16, seed=1)
     p = rand_p(2, 16, V, seed=2).requires_grad_(True)
@@ -230,7 +249,7 @@ def test_transformer_energy_reuse_equals_recompute(energy_layers):
     w_E, w_G = rand(2, 16, seed=3), rand(2, 16, V, seed=4)
 
     _, caches = filled_caches(model, idx)
-    E, dE_dp = ebm.transformer_energy(model, caches)(p)
+    E, dE_dp = energies.transformer_energy(model, caches)(p)
     E_ref = reference_transformer_energy(model, idx, p)
     (dE_dp_ref,) = torch.autograd.grad(E_ref.sum(), p, create_graph=True)
     assert E.shape == (2, 16) and dE_dp.shape == (2, 16, V)
@@ -249,46 +268,50 @@ def test_transformer_energy_reuse_equals_recompute(energy_layers):
 
 
 def test_transformer_energy_has_no_leak():
-    """E_t and dE/dp_t ignore tokens after x_t and the candidates of other positions; they do see p_t and x_<=t."""
+    """E_t and dE/dp_t ignore tokens after x_t and the candidates of other positions; they do see
+    p_t and x_<=t."""
     model = transformer_model()
     B, T = 2, 16
     idx, _ = seq_batch(B, T, seed=5)
     p = rand_p(B, T, V, seed=6)
     _, caches = filled_caches(model, idx)
-    E, G = ebm.transformer_energy(model, caches)(p)
+    E, G = energies.transformer_energy(model, caches)(p)
     g = torch.Generator().manual_seed(7)
     for t in (0, 6, 14):
         idx2 = idx.clone()
-        idx2[:, t + 1:] = (idx[:, t + 1:] + 1 + torch.randint(V - 1, idx[:, t + 1:].shape, generator=g)) % V
+        idx2[:, t + 1:] = (idx[:, t + 1:] + 1 + torch.randint(V - 1, idx[:, t + 1:].shape,
+                                                              generator=g)) % V
         _, caches2 = filled_caches(model, idx2)
-        E2, G2 = ebm.transformer_energy(model, caches2)(p)
+        E2, G2 = energies.transformer_energy(model, caches2)(p)
         assert torch.allclose(E2[:, : t + 1], E[:, : t + 1], rtol=0, atol=1e-12)
         assert torch.allclose(G2[:, : t + 1], G[:, : t + 1], rtol=0, atol=1e-12)
-        assert (E2[:, t + 1:] - E[:, t + 1:]).abs().max() > 1e-6  # later tokens do reach later positions
+        # later tokens do reach later positions
+        assert (E2[:, t + 1:] - E[:, t + 1:]).abs().max() > 1e-6
         # other positions' candidates do not matter; the own candidate does
         p3 = p.clone()
         others = torch.arange(T) != t
         p3[:, others] = rand_p(B, T - 1, V, seed=10 + t)
-        E3, G3 = ebm.transformer_energy(model, caches)(p3)
+        E3, G3 = energies.transformer_energy(model, caches)(p3)
         assert torch.allclose(E3[:, t], E[:, t], rtol=0, atol=1e-12)
         assert torch.allclose(G3[:, t], G[:, t], rtol=0, atol=1e-12)
         assert (E3[:, others] - E[:, others]).abs().min() > 1e-9
         p4 = p.clone()
         p4[:, t] = rand_p(B, V, seed=30 + t)
-        E4, _ = ebm.transformer_energy(model, caches)(p4)
+        E4, _ = energies.transformer_energy(model, caches)(p4)
         assert (E4[:, t] - E[:, t]).abs().min() > 1e-9
         assert torch.allclose(E4[:, others], E[:, others], rtol=0, atol=1e-12)
     # and an earlier token does reach position t
     idx5 = idx.clone()
     idx5[:, 3] = (idx[:, 3] + 1) % V
     _, caches5 = filled_caches(model, idx5)
-    E5, _ = ebm.transformer_energy(model, caches5)(p)
+    E5, _ = energies.transformer_energy(model, caches5)(p)
     assert torch.allclose(E5[:, :3], E[:, :3], rtol=0, atol=1e-12)
     assert (E5[:, 3:] - E[:, 3:]).abs().min() > 1e-9
 
 
 def test_transformer_training_double_backward():
-    """transformer, training, think_steps=2: the training loss backward gives finite non-zero grads where it should."""
+    """transformer, training, think_steps=2: the training loss backward gives finite non-zero grads
+    where it should."""
     model = transformer_model(think_steps=2, think_max_move=math.inf).train()
     idx, targets = seq_batch(2, 16, seed=8)
     _, loss = one_train_loss(model, idx, targets)
@@ -296,17 +319,20 @@ def test_transformer_training_double_backward():
     named = dict(model.named_parameters())
     for name in ("energy_readout.weight", "transformer.wte.weight",
                  "transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.weight",
-                 "transformer.h.1.mlp.c_fc.weight", "transformer.ln_f.weight", "energy_head.weight"):
+                 "transformer.h.1.mlp.c_fc.weight", "transformer.ln_f.weight",
+                 "energy_head.weight"):
         g = named[name].grad
         assert g is not None and torch.isfinite(g).all(), name
         assert g.abs().max() > 1e-8, name
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-@pytest.mark.parametrize("param,index", [("energy_readout.weight", (0, 3)), ("transformer.wte.weight", (3, 5)),
+@pytest.mark.parametrize("param,index", [("energy_readout.weight", (0, 3)),
+                                         ("transformer.wte.weight", (3, 5)),
                                          ("transformer.h.1.attn.c_attn.weight", (40, 7))])
 def test_transformer_thinking_loss_gradient_matches_finite_difference(param, index):
-    """d(thinking CE)/d(one scalar parameter) by double backward equals a central finite difference (float64)."""
+    """d(thinking CE)/d(one scalar parameter) by double backward equals a central finite difference
+    (float64)."""
     model = transformer_model(think_steps=2, think_max_move=math.inf, think_lr=2.0).train()
     idx, targets = seq_batch(2, 8, seed=9)
     w = dict(model.named_parameters())[param]
@@ -329,10 +355,12 @@ def test_transformer_thinking_loss_gradient_matches_finite_difference(param, ind
 
 
 def test_transformer_candidates_do_not_use_fused_sdpa(monkeypatch):
-    """candidate_energy and its double backward never call scaled_dot_product_attention (no double backward on CUDA)."""
+    """candidate_energy and its double backward never call scaled_dot_product_attention (no double
+    backward on CUDA)."""
     model = transformer_model(think_steps=2).train()
     idx, targets = seq_batch(2, 16, seed=10)
-    h, caches = filled_caches(model, idx)  # the observed stream may use SDPA: it is differentiated once only
+    # the observed stream may use SDPA: it is differentiated once only
+    h, caches = filled_caches(model, idx)
     e = model.energies(h)
 
     def forbidden(*args, **kwargs):
@@ -341,41 +369,51 @@ def test_transformer_candidates_do_not_use_fused_sdpa(monkeypatch):
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", forbidden)
     with pytest.raises(AssertionError, match="candidate path"):  # the patch is live for model.py
         model(idx)
-    zs = ebm.system2_logits(model, h, e, 2, caches, training=True)
+    # training: model.train()
+    zs = ebm.system2_logits(model, e, ebm.make_energy(model, h, e, caches), 2)
     loss = F.cross_entropy(zs[-1].flatten(0, 1), targets.flatten())
     loss.backward()
-    assert model.energy_readout.weight.grad.abs().max() > 0 and model.transformer.wte.weight.grad.abs().max() > 0
+    assert (model.energy_readout.weight.grad.abs().max() > 0
+            and model.transformer.wte.weight.grad.abs().max() > 0)
 
 
 @pytest.mark.parametrize("samples", [1, 3])
 def test_transformer_generate_cache_equals_no_cache(samples):
-    """energy=transformer: greedy generation with the KV cache gives the same tokens as without it (within a block)."""
+    """energy=transformer: greedy generation with the KV cache gives the same tokens as without it
+    (within a block)."""
     model = transformer_model(seed=3, scale=0.3, think_steps=3).eval()
     prompt = torch.tensor([[1, 4, 2], [7, 7, 0]])
     torch.manual_seed(0)  # self-verification draws its random starts in the same order either way
-    a = ebm.generate(model, prompt, 12, think_steps=3, use_cache=True, samples=samples)
+    a = ebm.generate(model, prompt, 12, thinking(3, samples), use_cache=True)
     torch.manual_seed(0)
-    b = ebm.generate(model, prompt, 12, think_steps=3, use_cache=False, samples=samples)
+    b = ebm.generate(model, prompt, 12, thinking(3, samples), use_cache=False)
     assert a.shape == (2, 15) and torch.equal(a[:, :3], prompt)
-    assert torch.equal(a, b)  # tokens: top-2 logit gaps (> 2e-4), F gaps of the starts (> 6e-4) dwarf float64 rounding
-    # thinking matters here: System 1 alone picks other tokens somewhere, so the comparison covers the energy path
-    c = ebm.generate(model, prompt, 12, think_steps=0, use_cache=True)
+    # tokens: top-2 logit gaps (> 2e-4), F gaps of the starts (> 6e-4) dwarf float64 rounding
+    assert torch.equal(a, b)
+    # thinking matters here: System 1 alone picks other tokens somewhere, so the comparison covers
+    # the energy path
+    c = ebm.generate(model, prompt, 12, thinking(0), use_cache=True)
     assert not torch.equal(a, c)
-    if samples == 1:  # and each token is the argmax of thinking over its full prefix, recomputed from scratch
+    # and each token is the argmax of thinking over its full prefix, recomputed from scratch
+    if samples == 1:
         for i in range(3, 15):
             with torch.no_grad():
                 h, caches = filled_caches(model, a[:, :i])
-                z = ebm.system2_logits(model, h[:, -1:], model.energies(h[:, -1:]), 3, caches)[-1][:, -1]
+                e = model.energies(h[:, -1:])
+                z = ebm.system2_logits(model, e, ebm.make_energy(model, h[:, -1:], e, caches),
+                                       3)[-1][:, -1]
             assert torch.equal(z.argmax(-1), a[:, i])
 
 
-# ---------------------------------------------------------------------------------------------------
-# 3. EBT machinery: learnable step size, random steps, step-size jitter, noise, CE over all steps, truncation
+# --------------------------------------------------------------------------------------------------
+# 3. EBT machinery: learnable step size, random steps, step-size jitter, noise, CE over all steps,
+# truncation
 
 
 @pytest.mark.parametrize("energy", ["linear", "mixture", "transformer"])
 def test_learnable_think_lr_gets_a_gradient(energy):
-    """think_lr_learnable: eta = exp(think_log_lr) is a parameter (initialised at think_lr) that gets a gradient."""
+    """think_lr_learnable: eta = exp(think_log_lr) is a parameter (initialised at think_lr) that
+    gets a gradient."""
     model = make_model(energy=energy, think_lr_learnable=True, think_lr=0.3, think_steps=2,
                        think_max_move=math.inf).train()
     named = dict(model.named_parameters())
@@ -392,7 +430,8 @@ def test_learnable_think_lr_gets_a_gradient(energy):
 
 
 def test_learnable_think_lr_has_its_own_optimizer_group():
-    """configure_optimizers puts think_log_lr alone in a group with lr_mult = think_lr_lr_mult and no weight decay."""
+    """configure_optimizers puts think_log_lr alone in a group with lr_mult = think_lr_lr_mult and
+    no weight decay."""
     model = make_model(energy="mixture", think_lr_learnable=True)
     opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu", 7.0)
     groups = opt.param_groups
@@ -410,19 +449,24 @@ def test_learnable_think_lr_has_its_own_optimizer_group():
 
 
 def test_train_scales_the_think_lr_group(tmp_path, monkeypatch):
-    """train.train sets the think_log_lr group's lr to lr * train.think_lr_lr_mult at every step, and eta is learned."""
+    """train.train sets the think_log_lr group's lr to lr * train.think_lr_lr_mult at every step,
+    and eta is learned."""
     corpus = write_corpus(tmp_path / "c.txt", n_chars=3000)
     seen = []
     real_step = train_mod.train_step
 
     def spy(model, optimizer, *args, **kwargs):
-        seen.append([(g["lr"], g.get("lr_mult", 1.0), len(g["params"])) for g in optimizer.param_groups])
+        seen.append([(g["lr"], g.get("lr_mult", 1.0),
+                      len(g["params"])) for g in optimizer.param_groups])
         return real_step(model, optimizer, *args, **kwargs)
 
     monkeypatch.setattr(train_mod, "train_step", spy)
-    run_train(TINY_MODEL + ["data.block_size=16", "data.batch_size=4", "train.max_steps=4", "train.eval_interval=4",
-                            "train.eval_iters=1", "train.warmup_steps=2", "model.think_lr_learnable=true",
-                            "model.think_lr=0.5", "train.think_lr_lr_mult=7.0", f"data.data_path={corpus}",
+    run_train(TINY_MODEL + ["data.block_size=16", "data.batch_size=4", "train.max_steps=4",
+                            "train.eval_interval=4",
+                            "train.eval_iters=1", "train.warmup_steps=2",
+                            "model.think_lr_learnable=true",
+                            "model.think_lr=0.5", "train.think_lr_lr_mult=7.0",
+                            f"data.data_path={corpus}",
                             f"out_dir={tmp_path / 'out'}"])
     assert len(seen) == 4
     for groups in seen:
@@ -438,9 +482,9 @@ def record_think_calls(monkeypatch):
     calls = []
     real_think = ebm.think
 
-    def spy(z, energy, steps, lr, *args, **kwargs):
-        calls.append((steps, float(lr)))
-        return real_think(z, energy, steps, lr, *args, **kwargs)
+    def spy(z, energy, steps, step, *args, **kwargs):
+        calls.append((steps, float(step.keywords["lr"])))
+        return real_think(z, energy, steps, step, *args, **kwargs)
 
     monkeypatch.setattr(ebm, "think", spy)
     return calls
@@ -454,7 +498,8 @@ def repeat_losses(model, idx, targets, n):
 
 
 def test_think_steps_random_draws_k_in_range(monkeypatch):
-    """think_steps_random: in training K is drawn from 1..think_steps (several values seen); eval uses think_steps."""
+    """think_steps_random: in training K is drawn from 1..think_steps (several values seen); eval
+    uses think_steps."""
     model = make_model(think_steps=4, think_steps_random=True).train()
     idx, targets = seq_batch(2, 4)
     calls = record_think_calls(monkeypatch)
@@ -475,8 +520,10 @@ def test_think_steps_random_draws_k_in_range(monkeypatch):
 
 
 def test_think_steps_random_changes_the_number_of_outputs(monkeypatch):
-    """think_steps_random: the zs that system2_logits returns have len K + 1 for the drawn K, K varies."""
-    model = make_model(energy="mixture", think_steps=3, think_steps_random=True, ce_all_steps=True).train()
+    """think_steps_random: the zs that system2_logits returns have len K + 1 for the drawn K, K
+    varies."""
+    model = make_model(energy="mixture", think_steps=3, think_steps_random=True,
+                       ce_all_steps=True).train()
     lens = []
     real = ebm.system2_logits
 
@@ -494,7 +541,8 @@ def test_think_steps_random_changes_the_number_of_outputs(monkeypatch):
 
 @pytest.mark.parametrize("learnable", [False, True])
 def test_think_lr_jitter_varies_the_step_size(monkeypatch, learnable):
-    """think_lr_jitter = j: in training the step size passed to think varies in [lr (1-j), lr (1+j)]; eval uses lr."""
+    """think_lr_jitter = j: in training the step size passed to think varies in [lr (1-j), lr
+    (1+j)]; eval uses lr."""
     lr, j = 0.5, 0.3
     model = make_model(think_lr=lr, think_lr_jitter=j, think_lr_learnable=learnable).train()
     idx, targets = seq_batch(2, 4)
@@ -514,7 +562,8 @@ def test_think_lr_jitter_varies_the_step_size(monkeypatch, learnable):
 
 @pytest.mark.parametrize("energy", ["linear", "mixture", "transformer"])
 def test_think_noise_random_in_training_deterministic_in_eval(energy):
-    """think_noise > 0: training outputs differ between calls, eval outputs do not (and noise 0 is deterministic)."""
+    """think_noise > 0: training outputs differ between calls, eval outputs do not (and noise 0 is
+    deterministic)."""
     idx, targets = seq_batch(2, 8)
     model = make_model(energy=energy, think_noise=0.1, think_steps=2)
     with torch.no_grad():
@@ -532,8 +581,10 @@ def test_think_noise_random_in_training_deterministic_in_eval(energy):
 
 @pytest.mark.parametrize("energy", ["linear", "mixture", "transformer"])
 def test_ce_all_steps_is_mean_of_step_ces(energy, monkeypatch):
-    """ce_all_steps: terms['ce_steps'] is the per-position mean of CE(z_1..z_K); total_loss uses it instead of ce."""
-    model = perturb(make_model(energy=energy, think_steps=3, ce_all_steps=True, think_lr=2.0), 0.1).train()
+    """ce_all_steps: terms['ce_steps'] is the per-position mean of CE(z_1..z_K); total_loss uses it
+    instead of ce."""
+    model = perturb(make_model(energy=energy, think_steps=3, ce_all_steps=True, think_lr=2.0),
+                    0.1).train()
     idx, targets = seq_batch(2, 8)
     recorded = []
     real = ebm.system2_logits
@@ -547,7 +598,8 @@ def test_ce_all_steps_is_mean_of_step_ces(energy, monkeypatch):
     terms = ebm.losses(model, idx, targets)
     (zs,) = recorded
     assert len(zs) == 4
-    step_ces = [F.cross_entropy(z.flatten(0, 1), targets.flatten(), reduction="none").view(2, 8) for z in zs[1:]]
+    step_ces = [F.cross_entropy(z.flatten(0, 1), targets.flatten(),
+                                reduction="none").view(2, 8) for z in zs[1:]]
     assert torch.allclose(terms["ce_steps"], torch.stack(step_ces).mean(0), rtol=1e-12, atol=1e-14)
     assert torch.allclose(terms["ce"], step_ces[-1], rtol=1e-12, atol=1e-14)
     assert (terms["ce_steps"].mean() - terms["ce"].mean()).abs() > 1e-6  # the steps really differ
@@ -565,9 +617,11 @@ def test_ce_all_steps_is_mean_of_step_ces(energy, monkeypatch):
 
 @pytest.mark.parametrize("energy", ["linear", "mixture", "transformer"])
 def test_think_truncate_equals_manual_detach(energy):
-    """think_truncate: the gradient equals that of detaching z before the last step, and differs from full backprop."""
+    """think_truncate: the gradient equals that of detaching z before the last step, and differs
+    from full backprop."""
     K = 3
-    kw = {"energy": energy, "think_steps": K, "think_max_move": math.inf, "think_lr": 2.0, "mixture_stopgrad": False}
+    kw = {"energy": energy, "think_steps": K, "think_max_move": math.inf, "think_lr": 2.0,
+          "mixture_stopgrad": False}
     model = perturb(make_model(think_truncate=True, **kw), 0.1).train()
     params = list(model.parameters())
     idx, targets = seq_batch(2, 8)
@@ -585,8 +639,8 @@ def test_think_truncate_equals_manual_detach(energy):
     z0 = -e / cfg.softmax_temperature
     energy_fn = ebm.make_energy(model, h, e, caches)
     with torch.no_grad():
-        z = ebm.think(z0, energy_fn, K - 1, cfg.think_lr, cfg.entropy_weight)[-1]
-    zK = ebm.think(z.detach(), energy_fn, 1, cfg.think_lr, cfg.entropy_weight)[-1]
+        z = ebm.think(z0, energy_fn, K - 1, free_energy_rule(cfg.think_lr, cfg.entropy_weight))[-1]
+    zK = ebm.think(z.detach(), energy_fn, 1, free_energy_rule(cfg.think_lr, cfg.entropy_weight))[-1]
     g_manual = grads(ce(zK) + cfg.aux_ce_weight * ce(z0), params)
 
     cfg.think_truncate = False
@@ -598,36 +652,42 @@ def test_think_truncate_equals_manual_detach(energy):
     assert diff > 1e-6
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 4. self-verification: M candidates per position, keep the lowest free energy
 
 
 def test_self_verification_linear_all_candidates_converge_alike(monkeypatch):
-    """Linear energy, tau > 0, long thinking: all M starts reach softmax(-e/tau); samples=M equals samples=1."""
+    """Linear energy, tau > 0, long thinking: all M starts reach softmax(-e/tau); samples=M equals
+    samples=1."""
     tau, M = 2.0, 5
-    model = make_model(entropy_weight=tau, think_lr=0.5, think_max_move=math.inf, softmax_temperature=0.7).eval()
+    model = make_model(entropy_weight=tau, think_lr=0.5, think_max_move=math.inf,
+                       softmax_temperature=0.7).eval()
     e = rand(2, 4, V, seed=1)
     target = F.softmax(-e / tau, -1)
     torch.manual_seed(0)
-    one = ebm.system2_logits(model, None, e, 1000)
+    one = ebm.system2_logits(model, e, ebm.linear_energy(e), 1000)
     calls = []
     real_think = ebm.think
-    monkeypatch.setattr(ebm, "think", lambda *a, **k: calls.append(real_think(*a, **k)) or calls[-1])
-    many = ebm.system2_logits(model, None, e, 1000, samples=M)
+    monkeypatch.setattr(ebm, "think", lambda *a,
+                        **k: calls.append(real_think(*a, **k)) or calls[-1])
+    many = ebm.self_verify(model, e, ebm.linear_energy(e), 1000, M)[0]
     (zs,) = calls
     assert zs[0].shape == (M, 2, 4, V)
     assert (F.softmax(zs[0][1:], -1) - target).abs().max() > 0.1  # the random starts start far away
-    assert (F.softmax(zs[-1], -1) - target).abs().max() < 1e-6  # and all M arrive at the unique fixed point
+    # and all M arrive at the unique fixed point
+    assert (F.softmax(zs[-1], -1) - target).abs().max() < 1e-6
     assert torch.allclose(F.softmax(many[-1], -1), F.softmax(one[-1], -1), rtol=0, atol=1e-6)
-    assert torch.equal(many[0], one[0]) and len(many) == len(one) == 1001  # z_0 = -e / T either way: same op, same e
+    # z_0 = -e / T either way: same op, same e
+    assert torch.equal(many[0], one[0]) and len(many) == len(one) == 1001
 
 
 @pytest.mark.parametrize("energy", ["mixture", "transformer"])
 def test_self_verification_never_worse_than_system1_start(energy, monkeypatch):
-    """samples=M with verify_by=free_energy keeps per position the lowest free energy of M candidates, so it is
-    <= the z_0 start's (samples=1)."""
+    """samples=M with verify_by=free_energy keeps per position the lowest free energy of M
+    candidates, so it is <= the z_0 start's (samples=1)."""
     tau, K, M = 0.1, 3, 6
-    model = perturb(make_model(energy=energy, entropy_weight=tau, think_steps=K, think_lr=1.0, think_samples=M,
+    model = perturb(make_model(energy=energy, entropy_weight=tau, think_steps=K, think_lr=1.0,
+                               think_samples=M,
                                mixture_stopgrad=False, verify_by="free_energy"), 0.1).eval()
     idx, targets = seq_batch(2, 16)
     with torch.no_grad():
@@ -636,21 +696,26 @@ def test_self_verification_never_worse_than_system1_start(energy, monkeypatch):
         e = model.energies(h)
         energy_fn = ebm.make_energy(model, h, e, caches)
         torch.manual_seed(0)
-        one = ebm.system2_logits(model, h, e, K, caches)[-1]
+        one = ebm.system2_logits(model, e, energy_fn, K)[-1]
         calls = []
         real_think = ebm.think
-        monkeypatch.setattr(ebm, "think", lambda *a, **k: calls.append(real_think(*a, **k)) or calls[-1])
-        zs_many, chosen = ebm.system2_logits(model, h, e, K, caches, samples=M, return_chosen=True)
+        monkeypatch.setattr(ebm, "think", lambda *a,
+                            **k: calls.append(real_think(*a, **k)) or calls[-1])
+        zs_many, chosen = ebm.self_verify(model, e, energy_fn, K, M)
         many = zs_many[-1]
         f_one, f_many = free_energy_of(energy_fn, one, tau), free_energy_of(energy_fn, many, tau)
         z_all = calls[0][-1]  # (M, B, T, V): every candidate after K steps
         f_all = free_energy_of(energy_fn, z_all, tau)  # (M, B, T)
-    # inside a batch of M a candidate rounds differently than alone (BLAS paths differ by shape, alignment and
-    # CPU): floats are compared with float64 tolerances, and the candidate kept is read as an index
-    assert torch.allclose(z_all[0], one, rtol=1e-10, atol=1e-10)  # candidate 0: the System 1 start, thought as alone
+    # inside a batch of M a candidate rounds differently than alone (BLAS paths differ by shape,
+    # alignment and CPU): floats are compared with float64 tolerances, and the candidate kept is
+    # read as an index
+    # candidate 0: the System 1 start, thought as alone
+    assert torch.allclose(z_all[0], one, rtol=1e-10, atol=1e-10)
     kept = z_all.gather(0, chosen[None, ..., None].expand(1, *many.shape))[0]
     assert torch.allclose(many, kept, rtol=1e-10, atol=1e-10)  # the output is the chosen candidate
-    assert torch.allclose(f_all.gather(0, chosen[None])[0], f_all.min(0).values, rtol=1e-10, atol=1e-12)  # lowest F
+    # lowest F
+    assert torch.allclose(f_all.gather(0, chosen[None])[0], f_all.min(0).values, rtol=1e-10,
+                          atol=1e-12)
     assert (f_many <= f_one + 1e-9).all()
     assert ((chosen != 0) & (f_many < f_one - 1e-6)).any()  # the random starts do win somewhere
     assert torch.allclose(many[chosen == 0], one[chosen == 0], rtol=1e-10, atol=1e-10)
@@ -662,43 +727,52 @@ def test_self_verification_never_worse_than_system1_start(energy, monkeypatch):
     assert torch.allclose(terms["ce"], ref, rtol=1e-10, atol=1e-12)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 5. no leak from future tokens in every mode
 
 
-LEAK_MODES = {"plain": {"use_contrastive": False}, "cd": {"use_contrastive": True, "contrastive_type": "cd"},
+LEAK_MODES = {"plain": {"use_contrastive": False}, "cd": {"use_contrastive": True,
+                                                          "contrastive_type": "cd"},
               "pcd": {"use_contrastive": True, "contrastive_type": "pcd"}}
 
 
 @pytest.mark.parametrize("mode", list(LEAK_MODES))
 @pytest.mark.parametrize("energy", ["mixture", "transformer"])
 def test_no_leak_from_future_tokens(energy, mode):
-    """Per-position loss terms at positions <= t do not change when tokens after x_{t+1} change (train and eval)."""
+    """Per-position loss terms at positions <= t do not change when tokens after x_{t+1} change
+    (train and eval)."""
     B, T = 2, 16  # whole windows (block_size 16): PCD's replay buffer stores windows of block_size
     model = perturb(make_model(
-        energy=energy, think_steps=2, think_noise=0.1, think_lr_jitter=0.2, ce_all_steps=True, contrastive_k=2,
-        langevin_step_size=0.3, langevin_noise_scale=0.05, n_persistent=7, pcd_reinit_prob=0.3, entropy_weight=0.2,
+        energy=energy, think_steps=2, think_noise=0.1, think_lr_jitter=0.2, ce_all_steps=True,
+                               contrastive_k=2,
+        langevin_step_size=0.3, langevin_noise_scale=0.05, n_persistent=7, pcd_reinit_prob=0.3,
+                               entropy_weight=0.2,
         think_samples=3, mixture_stopgrad=False, **LEAK_MODES[mode]), 0.1).train()
     seq = torch.randint(V, (B, T + 1), generator=torch.Generator().manual_seed(7))
-    expected = {"ce", "ce_s1", "ce_steps"} | ({"cd", "cd_gap"} if LEAK_MODES[mode]["use_contrastive"] else set())
+    expected = {"ce", "ce_s1",
+                "ce_steps"} | ({"cd", "cd_gap"} if LEAK_MODES[mode]["use_contrastive"] else set())
     assert_no_leak(model, seq, (0, 4, 9), expected)
 
 
-# 6. random text for these energies: tests/test_train.py::test_no_leak_on_random_text covers them too
+# 6. random text for these energies: tests/test_train.py::test_no_leak_on_random_text covers them
+# too
 
 
 def test_replay_buffer_warm_starts_the_same_windows(monkeypatch):
-    """model.replay_size: stored windows come back with their targets, and thinking resumes from their stored z_K."""
+    """model.replay_size: stored windows come back with their targets, and thinking resumes from
+    their stored z_K."""
     model = make_model(think_steps=2, replay_size=4, replay_frac=0.5).train()
-    state = ebm.ChainState(model.config).to(torch.float64)
+    state = contrastive.ReplayState(model.config).to(torch.float64)
     starts, draws = [], []
     real_think, real_draw = ebm.think, state.replay_draw
-    monkeypatch.setattr(ebm, "think", lambda z, *a, **k: starts.append(z.detach().clone()) or real_think(z, *a, **k))
+    monkeypatch.setattr(ebm, "think", lambda z, *a,
+                        **k: starts.append(z.detach().clone()) or real_think(z, *a, **k))
     monkeypatch.setattr(state, "replay_draw", lambda *a: draws.append(real_draw(*a)) or draws[-1])
     idx1, tgt1 = seq_batch(4, 16, seed=20)
     ebm.losses(model, idx1, tgt1, state)  # empty buffer: nothing replayed, all 4 windows stored
     assert draws[-1][2] is None
-    assert state.replay_count == 4 and torch.equal(state.replay_x, idx1) and torch.equal(state.replay_y, tgt1)
+    assert state.replay_count == 4 and torch.equal(state.replay_x,
+                                                   idx1) and torch.equal(state.replay_y, tgt1)
     stored = state.replay_z.clone()
     assert stored.abs().sum() > 0
 
@@ -711,5 +785,6 @@ def test_replay_buffer_warm_starts_the_same_windows(monkeypatch):
     assert torch.equal(starts[-1][:2], stored[slots])  # warm start: where their thinking stopped
     with torch.no_grad():
         e2 = model.energies(model(idx2))
-    assert torch.allclose(starts[-1][2:], -e2[2:] / model.config.softmax_temperature)  # fresh rows: System 1
+    # fresh rows: System 1
+    assert torch.allclose(starts[-1][2:], -e2[2:] / model.config.softmax_temperature)
     assert state.replay_count == 6

@@ -92,7 +92,7 @@ RESUME_MODES = {
     "replay": ["model.replay_size=6", "model.replay_frac=0.5"],  # EBT replay buffer
     "accum_bf16": ["train.grad_accum_steps=2", "train.dtype=bfloat16"],  # micro-batches, autocast
 }
-CHAIN_MODES = ("pcd", "fast_pcd", "replay")  # the modes with a ChainState
+CHAIN_MODES = ("pcd", "fast_pcd", "replay")  # the modes with a ReplayState
 
 
 @pytest.mark.parametrize("mode", list(RESUME_MODES))
