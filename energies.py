@@ -112,8 +112,8 @@ class Product:
     A product of experts: E(x, p) = sum_i w_i E_i(x, p), so dE/dp = sum_i w_i dE_i/dp, where expert
     i is its own model (weights: 1 each unless given) with its own hidden states h_i and caches_i
     (None but for the transformer energy). The experts share the vocabulary, token by token
-    (checkpoints.load_experts checks it). An energy builder: generate takes it in place of a model, and
-    thinking on the product uses the first expert's temperature and thinking options.
+    (checkpoints.load_experts checks it). An energy builder: generate takes it in place of a model,
+    and thinking on the product uses the first expert's temperature and thinking options.
     """
 
     def __init__(self, models, weights=None):

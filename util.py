@@ -23,11 +23,12 @@ def fail(message):
 
 
 def run(fn, cfg):
-    """Call fn on the typed config (the dataclass) so that a UserError prints one line, not a traceback."""
+    """Call fn on the typed config (the dataclass) so that a UserError prints one line, not a
+    traceback."""
     from omegaconf import OmegaConf
 
-    # under torchrun every process meets the same error (same config, data and checkpoint; stops are agreed
-    # on by all_reduce), so rank 0 alone prints it
+    # under torchrun every process meets the same error (same config, data and checkpoint; stops are
+    # agreed on by all_reduce), so rank 0 alone prints it
     quiet = int(os.environ.get("RANK", "0")) > 0
     try:
         return fn(OmegaConf.to_object(cfg))
@@ -38,41 +39,50 @@ def run(fn, cfg):
 
 
 def check_overrides(config_name, args):
-    """Compose the config once up front so that a bad override is reported in one line that names it."""
+    """Compose the config once up front so that a bad override is reported in one line that names
+    it."""
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    if any(a.startswith("-") for a in args):  # Hydra's own flags (--cfg job, --help, ...): Hydra handles it
+    # Hydra's own flags (--cfg job, --help, ...): Hydra handles them
+    if any(a.startswith("-") for a in args):
         return
     parser = OverridesParser.create()
     for arg in args:
         try:
             parser.parse_override(arg)
         except HydraException:
-            fail(f"cannot parse the override {arg!r}. Values with commas, spaces, brackets or non-ASCII "
-                 "characters need quotes that reach Hydra, for example: 'prompt=\"Hello, world\"'")
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parent / "config"), version_base="1.3"):
+            fail(f"cannot parse the override {arg!r}. Values with commas, spaces, brackets or "
+                 "non-ASCII characters need quotes that reach Hydra, for example: "
+                 "'prompt=\"Hello, world\"'")
+    config_dir = str(Path(__file__).resolve().parent / "config")
+    with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
         try:
             compose(config_name, overrides=args)
         except (HydraException, OmegaConfBaseException) as err:
-            # Hydra's cause lines without its indented details and its "+key" hint (the schema is closed)
+            # Hydra's cause lines without its indented details and its "+key" hint (the schema is
+            # closed)
             text = f"{err}\n{err.__cause__ or ''}"
             text = text.split("Config search path")[0]
-            lines = [s.strip() for s in text.splitlines() if s.strip() and not s.startswith((" ", "To append"))]
+            lines = [s.strip() for s in text.splitlines()
+                     if s.strip() and not s.startswith((" ", "To append"))]
             fail(f"{' '.join(lines)} (every key and its type: --cfg job)")
 
 
 def pick_device(name="auto", key="train.device"):
-    """cuda > mps > cpu, unless a device is named. key: the option that names the device, for the remedies."""
-    with warnings.catch_warnings(record=True) as caught:  # torch warns here about a too-old driver: a reason
+    """cuda > mps > cpu, unless a device is named. key: the option that names the device, for the
+    remedies."""
+    # torch warns here about a too-old driver: a reason
+    with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         cuda = torch.cuda.is_available()
     if name == "auto":
         if cuda:
             return "cuda"
-        if nvidia_gpu_present():  # a GPU the user expects to train on, silently unused: say so instead
+        # a GPU the user expects to train on, silently unused: say so instead
+        if nvidia_gpu_present():
             raise UserError(unusable_gpu(key, caught))
         if torch.backends.mps.is_available():
             return "mps"
@@ -90,29 +100,34 @@ def pick_device(name="auto", key="train.device"):
 
 
 def nvidia_gpu_present():
-    """An NVIDIA driver is loaded (or its nvidia-smi installed), unless CUDA_VISIBLE_DEVICES hides every GPU on
-    purpose (empty or -1)."""
+    """An NVIDIA driver is loaded (or its nvidia-smi installed), unless CUDA_VISIBLE_DEVICES hides
+    every GPU on purpose (empty or -1)."""
     if os.environ.get("CUDA_VISIBLE_DEVICES", "0").strip() in ("", "-1"):
         return False
     return Path("/proc/driver/nvidia/version").exists() or shutil.which("nvidia-smi") is not None
 
 
 def unusable_gpu(key, caught=()):
-    """One line: this machine has an NVIDIA GPU that this torch cannot use, why if torch said, and the remedies."""
-    said = [str(w.message).split("(Triggered")[0].removeprefix("CUDA initialization:").strip() for w in caught
+    """One line: this machine has an NVIDIA GPU that this torch cannot use, why if torch said, and
+    the remedies."""
+    said = [str(w.message).split("(Triggered")[0].removeprefix("CUDA initialization:").strip()
+            for w in caught
             if "driver" in str(w.message).lower() or "cuda" in str(w.message).lower()]
     said = f" (torch says: {said[0].splitlines()[0].split('. ')[0].rstrip('.')})" if said else ""
     if torch.version.cuda is None:
-        return (f"this machine has an NVIDIA GPU, but the installed torch is a CPU-only build{said}: install a CUDA "
-                f"build of torch, or pass {key}=cpu to run on the CPU knowingly")
-    return (f"this machine has an NVIDIA GPU, but torch (built for CUDA {torch.version.cuda}) cannot use it{said}: "
-            f"update the NVIDIA driver to one that supports CUDA {torch.version.cuda} (nvidia-smi shows the CUDA "
-            f"version the driver supports), or install a torch build for the driver's CUDA, or pass {key}=cpu to "
-            "run on the CPU knowingly")
+        return (f"this machine has an NVIDIA GPU, but the installed torch is a CPU-only "
+                f"build{said}: install a CUDA build of torch, or pass {key}=cpu to run on the CPU "
+                "knowingly")
+    cuda = torch.version.cuda
+    return (f"this machine has an NVIDIA GPU, but torch (built for CUDA {cuda}) cannot use "
+            f"it{said}: update the NVIDIA driver to one that supports CUDA {cuda} (nvidia-smi "
+            f"shows the CUDA version the driver supports), or install a torch build for the "
+            f"driver's CUDA, or pass {key}=cpu to run on the CPU knowingly")
 
 
 def sync(device):
-    """Wait for the device's queued work, so that a timer reads the time it took (CUDA and MPS run ahead)."""
+    """Wait for the device's queued work, so that a timer reads the time it took (CUDA and MPS run
+    ahead)."""
     device_type = torch.device(device).type
     if device_type == "cuda":
         torch.cuda.synchronize()
@@ -122,10 +137,10 @@ def sync(device):
 
 class Processes:
     """
-    The processes of a run: one (`uv run train.py`), or WORLD_SIZE under torchrun, each with its rank.
-    Joins the process group: nccl on CUDA (LOCAL_RANK picks the GPU), gloo on CPU. Rank 0 is the master:
-    it alone logs and writes files. Small flags travel over a gloo group on the CPU, so that checking one
-    every step never waits for the GPU.
+    The processes of a run: one (`uv run train.py`), or WORLD_SIZE under torchrun, each with its
+    rank. Joins the process group: nccl on CUDA (LOCAL_RANK picks the GPU), gloo on CPU. Rank 0 is
+    the master: it alone logs and writes files. Small flags travel over a gloo group on the CPU, so
+    that checking one every step never waits for the GPU.
     """
 
     def __init__(self, device_name="auto"):
@@ -136,8 +151,9 @@ class Processes:
             return
         device_type = torch.device(self.device).type
         if device_type == "mps":
-            raise UserError("several processes need a process-group backend, and none handles MPS tensors: "
-                            "train in one process (uv run train.py) or pass train.device=cpu")
+            raise UserError("several processes need a process-group backend, and none handles MPS "
+                            "tensors: train in one process (uv run train.py) or pass "
+                            "train.device=cpu")
         if device_type == "cuda":
             self.device = f"cuda:{os.environ['LOCAL_RANK']}"
             torch.cuda.set_device(self.device)
@@ -149,7 +165,8 @@ class Processes:
         return self.rank == 0
 
     def any(self, flag):
-        """True on every process if flag is true on any (one CPU all_reduce; free with one process)."""
+        """True on every process if flag is true on any (one CPU all_reduce; free with one
+        process)."""
         if self.world == 1:
             return flag
         t = torch.tensor(int(flag))
@@ -174,14 +191,17 @@ class Processes:
 
     def close(self):
         if dist.is_initialized():
-            gc.collect()  # a DDP reducer left in a reference cycle goes now, not at exit after its group
-            dist.destroy_process_group()  # (there, 3 runs in 20 aborted with 'terminate called ...')
+            # a DDP reducer left in a reference cycle goes now, not at exit after its group
+            # (there, 3 runs in 20 aborted with 'terminate called ...')
+            gc.collect()
+            dist.destroy_process_group()
         self.flags = None  # no reference to a destroyed group lives on into the interpreter's exit
 
 
 def bootstrap_means(values, resamples=1000, seed=0):
-    """The means (resamples,) of `resamples` draws of len(values) values with replacement, in float64; seeded,
-    so the same data always gives the same figures (eval.py's standard errors, dyck.py's intervals)."""
+    """The means (resamples,) of `resamples` draws of len(values) values with replacement, in
+    float64; seeded, so the same data always gives the same figures (eval.py's standard errors,
+    dyck.py's intervals)."""
     g = torch.Generator().manual_seed(seed)
     v = torch.as_tensor(values, dtype=torch.float64)
     return v[torch.randint(0, v.numel(), (resamples, v.numel()), generator=g)].mean(1)
