@@ -1,6 +1,7 @@
 """
-Character-level data: load the text (downloading tiny Shakespeare, or writing dyck.py's bracket tasks, if it
-is missing), build the vocabulary, split 90/10 into train/val as nanoGPT does, and draw random batches.
+Character-level data: load the text (downloading tiny Shakespeare, or writing dyck.py's bracket
+tasks, if it is missing), build the vocabulary, split 90/10 into train/val as nanoGPT does, and draw
+random batches.
 """
 
 import hashlib
@@ -14,7 +15,8 @@ import dyck
 from util import UserError
 
 REPO = Path(__file__).resolve().parent
-SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+SHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
+                   "tinyshakespeare/input.txt")
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 
 
@@ -22,7 +24,8 @@ SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2d
 class DataConfig:
     data_path: str = "shakespeare.txt"  # relative paths: the working directory, else the repo root
     batch_size: int = 32
-    block_size: int = 128  # context length: the only block size (model.block_size is copied from it)
+    # context length: the only block size (model.block_size is copied from it)
+    block_size: int = 128
 
 
 def resolve_path(data_path):
@@ -40,7 +43,8 @@ def download_shakespeare(path):
         raise UserError(f"{path} is missing and tiny Shakespeare could not be downloaded ({err}); "
                         f"copy it to {path} or pass data.data_path=FILE") from None
     if hashlib.sha256(raw).hexdigest() != SHAKESPEARE_SHA256:
-        raise UserError(f"the downloaded tiny Shakespeare has the wrong sha256; copy a good copy to {path}")
+        raise UserError("the downloaded tiny Shakespeare has the wrong sha256; copy a good copy to "
+                        f"{path}")
     write_atomically(path, raw)
 
 
@@ -60,11 +64,13 @@ def load_text(data_path):
             print(f"downloading tiny Shakespeare to {path}")
             download_shakespeare(path)
         else:
-            raise UserError(f"data file {path} not found: pass data.data_path=FILE with a text file")
+            raise UserError(f"data file {path} not found: pass data.data_path=FILE with a text "
+                            "file")
     try:
         return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"could not read {path} as UTF-8 text ({err}); pass data.data_path=FILE") from None
+        raise UserError(f"could not read {path} as UTF-8 text ({err}); pass "
+                        "data.data_path=FILE") from None
 
 
 class Vocab:
@@ -84,7 +90,8 @@ class Vocab:
     def encode(self, s):
         unknown = sorted({c for c in s if c not in self.stoi})
         if unknown:
-            raise UserError(f"characters not in the vocabulary: {' '.join(repr(c) for c in unknown)}; "
+            listed = " ".join(repr(c) for c in unknown)
+            raise UserError(f"characters not in the vocabulary: {listed}; "
                             "use only characters from the training text")
         return [self.stoi[c] for c in s]
 
@@ -93,7 +100,8 @@ class Vocab:
 
 
 def train_val_split(ids):
-    """The first 90% of the encoded text trains, the last 10% validates (as nanoGPT: comparable losses)."""
+    """The first 90% of the encoded text trains, the last 10% validates (as nanoGPT: comparable
+    losses)."""
     n = int(0.9 * len(ids))
     return ids[:n], ids[n:]
 
@@ -109,14 +117,16 @@ class Dataset:
         self.block_size = block_size
         shortest = min(len(s) for s in self.splits.values())
         if block_size < 1 or shortest <= block_size:
-            raise UserError(f"data.block_size={block_size} does not fit the data (the val split has "
-                            f"{len(self.splits['val'])} characters); use a block size below {shortest}")
+            n_val = len(self.splits["val"])
+            raise UserError(f"data.block_size={block_size} does not fit the data (the val split "
+                            f"has {n_val} characters); use a block size below {shortest}")
 
     def batch(self, split, batch_size, generator=None, device="cpu", rank=0, world=1):
         """
-        Random windows x (B, T) and their next tokens y (B, T). With world processes each one draws the same
-        batch_size windows (the generator advances alike everywhere) and keeps its own contiguous share of
-        batch_size // world: the processes see different windows, and together exactly those of one process.
+        Random windows x (B, T) and their next tokens y (B, T). With world processes each one draws
+        the same batch_size windows (the generator advances alike everywhere) and keeps its own
+        contiguous share of batch_size // world: the processes see different windows, and together
+        exactly those of one process.
         """
         data = self.splits[split]
         ix = torch.randint(len(data) - self.block_size, (batch_size,), generator=generator)
@@ -125,5 +135,6 @@ class Dataset:
         offsets = ix[:, None] + torch.arange(self.block_size)  # (B, T)
         x, y = data[offsets], data[offsets + 1]
         if torch.device(device).type == "cuda":  # pinned memory lets the copy overlap the compute
-            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+            x, y = x.pin_memory(), y.pin_memory()
+            return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         return x.to(device), y.to(device)
