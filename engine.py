@@ -73,9 +73,16 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def check_config(cfg: RunConfig):
     """Impossible values fail here with one line, before any work is done."""
-    m, t = cfg.model, cfg.train
-    if m.refine_steps is not None:  # the predecessor's name for think_steps
-        m.think_steps = m.refine_steps
+    if cfg.model.refine_steps is not None:  # the predecessor's name for think_steps
+        cfg.model.think_steps = cfg.model.refine_steps
+    problems = model_problems(cfg.model) + train_problems(cfg)
+    problems += inert_options(cfg)
+    if problems:
+        raise UserError("; ".join(problems))
+
+
+def model_problems(m):
+    """What is impossible in the model keys, one phrase each."""
     problems = []
     if m.n_layer < 1 or m.n_head < 1 or m.n_embd < 1:
         problems.append("model.n_layer, model.n_head and model.n_embd must be >= 1")
@@ -118,6 +125,12 @@ def check_config(cfg: RunConfig):
         problems.append(f"model.think_lr_jitter={m.think_lr_jitter} must be in [0, 1)")
     if not 0 <= m.pcd_reinit_prob <= 1 or not 0 <= m.fast_weight_decay <= 1:
         problems.append("model.pcd_reinit_prob and model.fast_weight_decay must be in [0, 1]")
+    return problems
+
+
+def train_problems(cfg: RunConfig):
+    """What is impossible in the train and data keys, one phrase each."""
+    t, problems = cfg.train, []
     if t.max_steps < 1 or t.eval_interval < 1 or t.eval_iters < 1 or t.log_interval < 1:
         problems.append("train.max_steps, eval_interval, eval_iters and log_interval must be >= 1")
     if t.learning_rate <= 0 or t.min_lr < 0 or t.warmup_steps < 0 or t.think_lr_lr_mult < 0:
@@ -129,9 +142,7 @@ def check_config(cfg: RunConfig):
         problems.append(f"train.dtype={t.dtype} must be one of {', '.join(DTYPES)}")
     if cfg.data.batch_size < 1 or cfg.data.block_size < 1:
         problems.append("data.batch_size and data.block_size must be >= 1")
-    problems += inert_options(cfg)
-    if problems:
-        raise UserError("; ".join(problems))
+    return problems
 
 
 def inert_options(cfg: RunConfig):
