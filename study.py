@@ -52,10 +52,9 @@ class StudyConfig:
     block_size: int = 64
     batch_size: int = 16
     max_steps: int = 1500
-    # plain_deep: as long per training step as the ebt arm (2-core CPU, 100 steps: 24 layers 7.70
-    # steps/s, ebt 7.95, 2 layers 74.85); time stands in for FLOPs, which the think loop's autograd
-    # makes hard to count
-    deep_layers: int = 24
+    # plain_deep: as many counted FLOPs per training step as the ebt arm (bench.py at this shape on
+    # dyck.txt: 10 layers 2.35 GFLOP per step, ebt 2.29, 2 layers 0.47)
+    deep_layers: int = 10
     tasks: int = 200  # held-out tasks per bin
     eval_seed: int = 1  # the tasks and the noise starts
     # K, for the arms that think
