@@ -92,7 +92,8 @@ class Checkpoints:
             return
         ckpt = {"model": self.model.state_dict(),
                 "config": OmegaConf.to_container(OmegaConf.structured(self.cfg)),
-                "vocab": self.vocab.chars, "step": step, "best_val": best_val}
+                "vocab": self.vocab.chars, "step": step, "best_val": best_val,
+                "processes": self.procs.world}  # tokens: step x batch x block x accum x this
         # everything needed to continue the run exactly; entry r of each list: rank r
         if kind == "ckpt.pt":
             ckpt["optimizer"] = self.optimizer.state_dict()

@@ -9,9 +9,13 @@ stays small. Writes PNGs to out_dir:
   position (checkpoint) chains.png          the contrastive chains' KL to the model after k steps
   (eval.json files with a chains part) energy_gap.png      E_neg - E_pos over training, one line per
   contrastive run (`metrics`: metrics.jsonl files)
+  trend.png           val loss and the gap between two arms against training tokens (log axis),
+                      one point per run (`trend`: eval.json files of runs at several budgets and
+                      seeds); the table of it is printed
 """
 
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +25,7 @@ import hydra
 import torch
 from hydra.core.config_store import ConfigStore
 
-from checkpoints import load_model
+from checkpoints import load_checkpoint, load_model
 from data import load_text, train_val_split
 from ebm import free_energy, make_energy, observe, system2_logits
 from util import UserError, check_overrides, pick_device, run
@@ -35,6 +39,9 @@ class VizConfig:
     evals: List[str] = field(default_factory=list)
     # metrics.jsonl files of contrastive runs for energy_gap.png
     metrics: List[str] = field(default_factory=list)
+    # eval.json files of two arms (the first file's arm is the baseline) at several budgets for
+    # trend.png
+    trend: List[str] = field(default_factory=list)
     out_dir: str = "assets"
     # steps drawn in think_descent.png; candidates.png shows the model's think_steps
     think_steps: int = 16
@@ -107,6 +114,88 @@ def plot_energy_gap(plt, metrics, path):
          "energy of the negatives above that of the data")
 
 
+def trend_points(evals):
+    """One point per eval.json: its arm (named from the checkpoint's config), the tokens it trained
+    on (steps x batch_size x block_size x grad_accum_steps x processes), seed, and the val loss and
+    standard error of the prediction at the trained K."""
+    points = []
+    for file in evals:
+        r = json.loads(Path(file).read_text())
+        ckpt = load_checkpoint(r["checkpoint"])
+        m, d, t = ckpt["config"]["model"], ckpt["config"]["data"], ckpt["config"]["train"]
+        k = m["think_steps"]
+        arm = "plain transformer" if k == 0 else f"{m['energy']} energy, {m['think_rule']} rule, K={k}"
+        row = next(x for x in r["think_sweep"] if x["think_steps"] == r["model_think_steps"])
+        tokens = (ckpt["step"] * d["batch_size"] * d["block_size"] * t["grad_accum_steps"]
+                  * ckpt.get("processes", 1))  # checkpoints before "processes": one process
+        points.append({"arm": arm, "tokens": tokens, "steps": ckpt["step"], "seed": t["seed"],
+                       "loss": row["loss"], "se": row["se"]})
+    if len({p["arm"] for p in points}) != 2:
+        raise UserError(f"trend needs eval.json files of exactly two arms, got "
+                        f"{sorted({p['arm'] for p in points})}")
+    return points
+
+
+def trend_rows(points):
+    """Per budget both arms hold: each arm's losses by seed, and the gap (second arm minus the
+    first) per seed both arms share, its mean, and one standard error from eval.py's window
+    bootstraps (unpaired: conservative, as both arms are scored on the same windows)."""
+    base, other = dict.fromkeys(p["arm"] for p in points)
+    rows = []
+    for tokens in sorted({p["tokens"] for p in points}):
+        a = {p["seed"]: p for p in points if p["arm"] == base and p["tokens"] == tokens}
+        b = {p["seed"]: p for p in points if p["arm"] == other and p["tokens"] == tokens}
+        seeds = sorted(a.keys() & b.keys())
+        if not seeds:
+            continue
+        gaps = [b[s]["loss"] - a[s]["loss"] for s in seeds]
+        se = math.sqrt(sum(a[s]["se"] ** 2 + b[s]["se"] ** 2 for s in seeds)) / len(seeds)
+        rows.append({"tokens": tokens, "steps": a[seeds[0]]["steps"], "seeds": seeds,
+                     base: [a[s]["loss"] for s in seeds], other: [b[s]["loss"] for s in seeds],
+                     "gaps": gaps, "gap": sum(gaps) / len(gaps), "gap_se": se})
+    return base, other, rows
+
+
+def trend_markdown(base, other, rows):
+    out = [f"| tokens | steps | seeds | {base} | {other} | gap per seed | gap (mean ± se) |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['tokens']:,} | {r['steps']} | {len(r['seeds'])} | "
+                   f"{', '.join(f'{x:.4f}' for x in r[base])} | "
+                   f"{', '.join(f'{x:.4f}' for x in r[other])} | "
+                   f"{', '.join(f'{g:+.4f}' for g in r['gaps'])} | "
+                   f"{r['gap']:+.4f} ± {r['gap_se']:.4f} |")
+    return "\n".join(out)
+
+
+def plot_trend(plt, points, path):
+    """trend.png: val loss per run and arm (left), the gap per seed and its mean ± one standard
+    error (right), against training tokens on a log axis; prints the table."""
+    base, other, rows = trend_rows(points)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for arm in (base, other):
+        mine = [p for p in points if p["arm"] == arm]
+        left.scatter([p["tokens"] for p in mine], [p["loss"] for p in mine], s=12)
+        budgets = sorted({p["tokens"] for p in mine})
+        means = [sum(p["loss"] for p in mine if p["tokens"] == x)
+                 / sum(p["tokens"] == x for p in mine) for x in budgets]
+        left.plot(budgets, means, marker="o", label=arm)
+    left.set_xscale("log")
+    for r in rows:
+        right.scatter([r["tokens"]] * len(r["gaps"]), r["gaps"], s=12, color="gray")
+    right.errorbar([r["tokens"] for r in rows], [r["gap"] for r in rows],
+                   yerr=[r["gap_se"] for r in rows], marker="o", capsize=3,
+                   label=f"{other} minus {base}")
+    right.axhline(0.0, color="gray", lw=0.5)
+    right.set_xscale("log")
+    left.set_xlabel("training tokens")
+    left.set_ylabel("val loss (nats per character)")
+    left.legend(fontsize=7)
+    save(plt, fig, right, path, "training tokens", "gap in val loss (nats)",
+         "the gap against training tokens")
+    print(trend_markdown(base, other, rows))
+
+
 @torch.no_grad()
 def descend(model, x, steps):
     """Logits z_0..z_K (K + 1, T, V) and free energies F(z_k) (K + 1, T) along the think loop on
@@ -168,7 +257,7 @@ def visualise(cfg: VizConfig):
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    missing = [f for f in cfg.evals + cfg.metrics if not Path(f).is_file()]
+    missing = [f for f in cfg.evals + cfg.metrics + cfg.trend if not Path(f).is_file()]
     if missing:
         raise UserError(f"{missing[0]} not found: `uv run eval.py checkpoint=...` writes eval.json "
                         f"next to the "
@@ -180,6 +269,9 @@ def visualise(cfg: VizConfig):
         if any("chains" in r for r in results):
             plot_chains(plt, [r for r in results if "chains" in r], out / "chains.png")
             written.append(out / "chains.png")
+    if cfg.trend:
+        plot_trend(plt, trend_points(cfg.trend), out / "trend.png")
+        written.append(out / "trend.png")
     if cfg.metrics:
         plot_energy_gap(plt, cfg.metrics, out / "energy_gap.png")
         written.append(out / "energy_gap.png")
@@ -200,9 +292,8 @@ def visualise(cfg: VizConfig):
         plot_candidates(plt, zs[0, t], zs[k, t], k, x, y, t, vocab, cfg.top, out / "candidates.png")
         written += [out / "think_descent.png", out / "candidates.png"]
     if not written:
-        raise UserError("nothing to plot: pass checkpoint=PATH, evals='[a/eval.json,b/eval.json]' "
-                        "and/or "
-                        "metrics='[a/metrics.jsonl]'")
+        raise UserError("nothing to plot: pass checkpoint=PATH, evals='[a/eval.json,b/eval.json]', "
+                        "metrics='[a/metrics.jsonl]' and/or trend='[a/eval.json,b/eval.json,...]'")
     print("wrote " + ", ".join(str(p) for p in written))
     return written
 

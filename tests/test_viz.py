@@ -1,0 +1,77 @@
+"""viz.py's trend: tokens per run from its checkpoint, the gap between two arms per budget and seed."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from helpers import REPO, compose_cfg  # noqa: F401  (puts the repo on sys.path)
+import viz  # noqa: E402
+
+
+def fake_run(tmp_path, name, think_steps, steps, seed, loss, se, processes=None):
+    """A checkpoint holding only what trend reads, and its eval.json with a think sweep."""
+    d = tmp_path / name
+    d.mkdir()
+    ckpt = {"config": {"model": {"think_steps": think_steps, "energy": "transformer" if think_steps
+                                 else "linear", "think_rule": "ebt"},
+                       "data": {"batch_size": 16, "block_size": 64},
+                       "train": {"grad_accum_steps": 2, "seed": seed}}, "step": steps,
+            "model": {}, "vocab": ["a"]}
+    if processes:
+        ckpt["processes"] = processes
+    torch.save(ckpt, d / "final.pt")
+    sweep = [{"think_steps": k, "loss": loss + 1.0 * (k != think_steps), "se": se}
+             for k in (0, 1, 2)]
+    (d / "eval.json").write_text(json.dumps({"checkpoint": str(d / "final.pt"),
+                                             "model_think_steps": think_steps,
+                                             "think_sweep": sweep}))
+    return str(d / "eval.json")
+
+
+def test_trend_counts_tokens_and_gaps_per_seed(tmp_path):
+    """Tokens = steps x batch x block x accum x processes; the gap is the second arm minus the first,
+    per shared seed, at budgets both arms hold; its se combines the two arms' se."""
+    files = [fake_run(tmp_path, "p1", 0, 100, 1, 2.0, 0.03),
+             fake_run(tmp_path, "p2", 0, 100, 2, 2.1, 0.04),
+             fake_run(tmp_path, "p3", 0, 400, 1, 1.5, 0.03, processes=2),
+             fake_run(tmp_path, "e1", 2, 100, 1, 2.5, 0.03),
+             fake_run(tmp_path, "e2", 2, 100, 2, 2.3, 0.04),
+             fake_run(tmp_path, "e3", 2, 400, 1, 1.6, 0.04, processes=2),
+             fake_run(tmp_path, "e4", 2, 1200, 1, 1.4, 0.04)]  # no plain run at this budget
+    points = viz.trend_points(files)
+    assert [p["tokens"] for p in points] == [204800, 204800, 1638400, 204800, 204800, 1638400,
+                                             2457600]
+    assert points[3]["loss"] == 2.5  # the trained K's row, not K = 0
+    base, other, rows = viz.trend_rows(points)
+    assert base == "plain transformer" and other.startswith("transformer energy")
+    assert [r["tokens"] for r in rows] == [204800, 1638400]
+    small, large = rows
+    assert small["seeds"] == [1, 2]
+    assert small["gaps"] == pytest.approx([0.5, 0.2]) and small["gap"] == pytest.approx(0.35)
+    assert small["gap_se"] == pytest.approx(math.sqrt(2 * 0.03**2 + 2 * 0.04**2) / 2)
+    assert large["seeds"] == [1] and large["gaps"] == pytest.approx([0.1])
+    assert large["gap_se"] == pytest.approx(math.sqrt(0.03**2 + 0.04**2))
+
+
+def test_trend_refuses_other_than_two_arms(tmp_path):
+    """trend needs exactly two arms: one arm gives one clear error."""
+    files = [fake_run(tmp_path, "p1", 0, 100, 1, 2.0, 0.03)]
+    with pytest.raises(viz.UserError, match="exactly two arms"):
+        viz.trend_points(files)
+
+
+def test_trend_writes_the_plot(tmp_path, capsys):
+    """viz.py trend=[...] writes trend.png and prints the table."""
+    pytest.importorskip("matplotlib")
+    files = [fake_run(tmp_path, f"p{s}_{n}", 0, n, s, 2.0 - n / 1000, 0.03) for s in (1, 2)
+             for n in (100, 200)]
+    files += [fake_run(tmp_path, f"e{s}_{n}", 2, n, s, 2.3 - n / 1000, 0.03) for s in (1, 2)
+              for n in (100, 200)]
+    cfg = compose_cfg("viz", [f"trend=[{','.join(files)}]", "checkpoint=null",
+                              f"out_dir={tmp_path / 'plots'}"])
+    viz.visualise(cfg)
+    assert (tmp_path / "plots" / "trend.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| 204,800 | 100 | 2 | 1.9000, 1.9000 | 2.2000, 2.2000 | +0.3000, +0.3000 |" in \
+        capsys.readouterr().out
