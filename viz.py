@@ -124,7 +124,9 @@ def trend_points(evals):
         ckpt = load_checkpoint(r["checkpoint"])
         m, d, t = ckpt["config"]["model"], ckpt["config"]["data"], ckpt["config"]["train"]
         k = m["think_steps"]
-        arm = "plain transformer" if k == 0 else f"{m['energy']} energy, {m['think_rule']} rule, K={k}"
+        ebt = m["energy"] == "transformer" and m["think_rule"] == "ebt"
+        arm = "plain transformer" if k == 0 else \
+            f"{'EBT' if ebt else m['energy'] + ' energy, ' + m['think_rule'] + ' rule'}, K={k}"
         row = next(x for x in r["think_sweep"] if x["think_steps"] == r["model_think_steps"])
         tokens = (ckpt["step"] * d["batch_size"] * d["block_size"] * t["grad_accum_steps"]
                   * ckpt.get("processes", 1))  # checkpoints before "processes": one process
@@ -180,14 +182,17 @@ def plot_trend(plt, points, path):
         means = [sum(p["loss"] for p in mine if p["tokens"] == x)
                  / sum(p["tokens"] == x for p in mine) for x in budgets]
         left.plot(budgets, means, marker="o", label=arm)
-    left.set_xscale("log")
     for r in rows:
         right.scatter([r["tokens"]] * len(r["gaps"]), r["gaps"], s=12, color="gray")
     right.errorbar([r["tokens"] for r in rows], [r["gap"] for r in rows],
                    yerr=[r["gap_se"] for r in rows], marker="o", capsize=3,
                    label=f"{other} minus {base}")
     right.axhline(0.0, color="gray", lw=0.5)
-    right.set_xscale("log")
+    budgets = sorted({p["tokens"] for p in points})
+    for ax in (left, right):  # a tick at every budget, in millions
+        ax.set_xscale("log")
+        ax.set_xticks(budgets, [f"{x / 1e6:.3g}M" for x in budgets])
+        ax.minorticks_off()
     left.set_xlabel("training tokens")
     left.set_ylabel("val loss (nats per character)")
     left.legend(fontsize=7)

@@ -137,15 +137,21 @@ def run_with_extra(words, tmp_path, tiny_checkpoint):
                                                                           + TINY_EVAL))))
     if any(a.startswith("metrics=") for a in words[3:]):  # a tiny contrastive run logs energy_gap
         run_train(TINY + ["model.use_contrastive=true", f"out_dir={metrics.parent}"])
+    plain = tmp_path / "plain" / "eval.json"
+    if any(a.startswith("trend=") for a in words[3:]):  # two arms: a tiny plain run and the tiny checkpoint
+        run_train(TINY + ["model.think_steps=0", f"out_dir={plain.parent}"])
+        plain.write_text(json.dumps(eval_mod.evaluate_checkpoint(
+            compose_cfg("eval", [f"checkpoint={plain.parent / 'final.pt'}"] + TINY_EVAL))))
     args = [f"checkpoint={tiny_checkpoint}" if a.startswith("checkpoint=") and a != "checkpoint=null" else
             f"evals=[{evals}]" if a.startswith("evals=") else
-            f"metrics=[{metrics}]" if a.startswith("metrics=") else a for a in words[3:]]
+            f"metrics=[{metrics}]" if a.startswith("metrics=") else
+            f"trend=[{plain},{evals}]" if a.startswith("trend=") else a for a in words[3:]]
     proc = subprocess.run(["uv", "run", "--project", str(REPO), "--extra", "plots", str(REPO / "viz.py"), *args,
                            f"out_dir={tmp_path}", "think_steps=3"], cwd=tmp_path, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     plots = {"think_sweep.png": "evals=", "chains.png": "evals=", "energy_gap.png": "metrics=",
-             "think_descent.png": "checkpoint=", "candidates.png": "checkpoint="}
+             "think_descent.png": "checkpoint=", "candidates.png": "checkpoint=", "trend.png": "trend="}
     for name, key in plots.items():
         if any(a.startswith(key) and a != "checkpoint=null" for a in words[3:]):
             assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name

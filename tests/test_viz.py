@@ -45,7 +45,7 @@ def test_trend_counts_tokens_and_gaps_per_seed(tmp_path):
                                              2457600]
     assert points[3]["loss"] == 2.5  # the trained K's row, not K = 0
     base, other, rows = viz.trend_rows(points)
-    assert base == "plain transformer" and other.startswith("transformer energy")
+    assert (base, other) == ("plain transformer", "EBT, K=2")
     assert [r["tokens"] for r in rows] == [204800, 1638400]
     small, large = rows
     assert small["seeds"] == [1, 2]
