@@ -159,6 +159,7 @@ def trend_rows(points):
 
 
 def trend_markdown(base, other, rows):
+    """trend_rows as a markdown table, one row per budget."""
     out = [f"| tokens | steps | seeds | {base} | {other} | gap per seed | gap (mean ± se) |",
            "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -178,10 +179,10 @@ def plot_trend(plt, points, path):
     for arm in (base, other):
         mine = [p for p in points if p["arm"] == arm]
         left.scatter([p["tokens"] for p in mine], [p["loss"] for p in mine], s=12)
-        budgets = sorted({p["tokens"] for p in mine})
+        own = sorted({p["tokens"] for p in mine})  # this arm's budgets
         means = [sum(p["loss"] for p in mine if p["tokens"] == x)
-                 / sum(p["tokens"] == x for p in mine) for x in budgets]
-        left.plot(budgets, means, marker="o", label=arm)
+                 / sum(p["tokens"] == x for p in mine) for x in own]
+        left.plot(own, means, marker="o", label=arm)
     for r in rows:
         right.scatter([r["tokens"]] * len(r["gaps"]), r["gaps"], s=12, color="gray")
     right.errorbar([r["tokens"] for r in rows], [r["gap"] for r in rows],
