@@ -14,14 +14,14 @@ options]`.
 3. Training tokens/s of the command's model (the config as composed, no mode applied) in float32
    eager, compiled (train.compile, with bench.compile) and each of bench.dtypes (default bfloat16),
    interleaved.
-4. Generation (greedy, batch 1, KV cache, eager), per mode: tokens/s and counted FLOPs per token,
-   thinking bench.gen_think_steps steps (plain: none); and the command's model without the cache and
-   compiled.
+4. Generation (greedy, batch 1, KV cache, eager), per mode: tokens/s, and counted FLOPs and aten
+   ops per token, thinking bench.gen_think_steps steps (plain: none); and the command's model
+   without the cache and compiled.
 5. Peak memory: the process's peak resident set on CPU, peak allocated memory per setting on CUDA.
 The modes apply their model keys on top of the command's config: give shapes and training keys, not
-a preset of the recipes. bench.profile=true prints where the time of a training step goes
-(torch.profiler, by operator; on CUDA by kernel time). Prints tables and writes bench.json (in
-out_dir).
+a preset of the recipes. bench.profile=true prints where the time of a training step and of a
+generated token goes (torch.profiler, by operator; on CUDA by kernel time). Prints tables and writes
+bench.json (in out_dir).
 """
 
 import copy
@@ -73,7 +73,8 @@ class BenchConfig:
     compile: bool = True
     # mixed precision timed against float32
     dtypes: List[str] = field(default_factory=lambda: ["bfloat16"])
-    profile: bool = False  # print a torch.profiler table of plain training steps
+    # print torch.profiler tables of plain training steps and of the command's model generating
+    profile: bool = False
 
 
 @dataclass
@@ -128,15 +129,18 @@ class FlopCount(TorchDispatchMode):
     """Counts FLOPs at dispatch with the formulas of torch's FLOP counter
     (torch.utils.flop_counter): every matmul and attention call, forward, backward and the think
     steps' double backward; elementwise work counts zero. (FlopCounterMode itself tracks modules
-    with hooks that autograd.grad, used by the transformer energy's dE/dp, refuses.)"""
+    with hooks that autograd.grad, used by the transformer energy's dE/dp, refuses.) And the aten
+    ops dispatched (ops): a generated token's ops are tiny, and on CPU each costs about a
+    microsecond whatever its size, so their number rather than the FLOPs sets the speed."""
 
     def __init__(self):
         super().__init__()
-        self.flops = 0
+        self.flops, self.ops = 0, 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        self.ops += 1
         if func.overloadpacket in flop_registry:
             self.flops += flop_registry[func.overloadpacket](*args, **kwargs, out_val=out)
         return out
@@ -245,23 +249,39 @@ def bench_variants(cfg, b, batches, device):
     return interleaved(settings, batches, b, device), model
 
 
-def profile_training(model, optimizer, state, cfg, batches, steps=5):
-    """Where a training step's time goes, by operator (torch.profiler), in plain mode. On CUDA the
-    kernels are recorded too and the table is sorted by their time (the CPU side only queues
-    them)."""
+def profiled(fn, device):
+    """Where the time of fn() goes, by operator (torch.profiler). On CUDA the kernels are recorded
+    too and the table is sorted by their time (the CPU side only queues them)."""
     from torch.profiler import ProfilerActivity, profile
 
-    device = batches[0][0].device
     cuda = device.type == "cuda"
-    scaler = grad_scaler(cfg.train.dtype, device.type)
     activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
     with profile(activities=activities) as prof:
-        for i in range(steps):
-            x, y = batches[i % len(batches)]
-            train_step(model, optimizer, x, y, state, cfg, scaler=scaler)
+        fn()
         sync(device)
     return prof.key_averages().table(sort_by="self_cuda_time_total" if cuda
                                      else "self_cpu_time_total", row_limit=20)
+
+
+def profile_training(model, optimizer, state, cfg, batches, steps=5):
+    """Where the time of plain mode's training steps goes (profiled)."""
+    scaler = grad_scaler(cfg.train.dtype, batches[0][0].device.type)
+
+    def train():
+        for i in range(steps):
+            x, y = batches[i % len(batches)]
+            train_step(model, optimizer, x, y, state, cfg, scaler=scaler)
+
+    return profiled(train, batches[0][0].device)
+
+
+def profile_generation(model, prompt, b, tokens=64):
+    """Where the time of the command's model generating goes (profiled): greedy, batch 1, cached,
+    thinking b.gen_think_steps steps, tokens new tokens after a warm-up."""
+    model.eval()
+    think = partial(system2_logits, steps=b.gen_think_steps)
+    generate(model, prompt, 8, think)
+    return profiled(lambda: generate(model, prompt, tokens, think), prompt.device)
 
 
 def generation_speed(model, prompt, b, k, cache=True, compile=False):
@@ -284,22 +304,23 @@ def generation_speed(model, prompt, b, k, cache=True, compile=False):
             "peak_memory_mb": peak_memory_mb(device)}
 
 
-def bench_generation(models, model, data, cfg, b, device):
+def bench_generation(models, model, prompt, b):
     """Per mode: greedy batch-1 tokens/s with the KV cache and FLOPs per generated token (counted
     over b.gen_tokens new tokens, cache rebuilds included, the prompt's pass not), thinking
     b.gen_think_steps steps (plain: none). Then the command's model (model) without the cache and,
     with b.compile, compiled."""
     out = {}
-    prompt = data.splits["val"][: cfg.data.block_size // 2].view(1, -1).to(device)
     for mode, mode_model in models.items():
         mode_model.eval()
         k = 0 if mode == "plain" else b.gen_think_steps
         out[f"{mode} K={k}"] = generation_speed(mode_model, prompt, b, k)
-        n = b.gen_tokens
-        think = partial(system2_logits, steps=k)
-        flops = [counted_flops(lambda: generate(mode_model, prompt, tokens,
-                                                think)) for tokens in (1, n + 1)]
-        out[f"{mode} K={k}"]["flops_per_token"] = (flops[1] - flops[0]) / n
+        n, think, counts = b.gen_tokens, partial(system2_logits, steps=k), []
+        for tokens in (1, n + 1):
+            with FlopCount() as count:
+                generate(mode_model, prompt, tokens, think)
+            counts.append(count)
+        out[f"{mode} K={k}"].update({"flops_per_token": (counts[1].flops - counts[0].flops) / n,
+                                     "ops_per_token": (counts[1].ops - counts[0].ops) / n})
     model.eval()
     K = b.gen_think_steps
     out[f"command's model K={K} uncached"] = generation_speed(model, prompt, b, K, cache=False)
@@ -326,9 +347,12 @@ def bench(cfg: BenchRun):
                 "matmul_peak_dtype": cfg.train.dtype, "fraction_of_peak": achieved / peak},
     })
     result["variants"], model = bench_variants(cfg, b, batches, device)
+    # generation's prompt: the first half window of the val split
+    prompt = data.splits["val"][: cfg.data.block_size // 2].view(1, -1).to(device)
     if b.profile:
         result["profile"] = profile_training(*settings["plain"], batches)
-    result["generate"] = bench_generation(models, model, data, cfg, b, device)
+        result["profile_generation"] = profile_generation(model, prompt, b)
+    result["generate"] = bench_generation(models, model, prompt, b)
     result["peak_memory_mb"] = peak_memory_mb(device)
     print(report(result, b))
     out = Path(cfg.out_dir)
@@ -363,12 +387,15 @@ def report(r, b):
                    f"{v['first_steps_s']:.1f} |")
     if "profile" in r:
         out += ["", "where a training step's time goes (plain):", r["profile"]]
-    out += ["", "| generation (greedy, batch 1) | tokens/s | MFLOP/token (counted) | first call s "
-                "| peak memory MB |",
-            "|---|---|---|---|---|"]
+        out += ["", f"where generating 64 tokens' time goes (the command's model, "
+                    f"K={b.gen_think_steps}):", r["profile_generation"]]
+    out += ["", "| generation (greedy, batch 1) | tokens/s | MFLOP/token (counted) | "
+                "aten ops/token | first call s | peak memory MB |",
+            "|---|---|---|---|---|---|"]
     for name, g in r["generate"].items():
         flops = f"{g['flops_per_token'] / 1e6:.2f}" if "flops_per_token" in g else ""
-        out.append(f"| {name} | {g['tokens_per_s']:.0f} | {flops} | {g['warmup_s']:.2f} | "
+        ops = f"{g['ops_per_token']:.0f}" if "ops_per_token" in g else ""
+        out.append(f"| {name} | {g['tokens_per_s']:.0f} | {flops} | {ops} | {g['warmup_s']:.2f} | "
                    f"{g['peak_memory_mb']:.0f} |")
     return "\n".join(out)
 

@@ -62,12 +62,14 @@ def transformer_energy(model, caches):
     candidates] (model.candidate_energy), fed the candidate's embedding (model.candidate_embedding)
     and, with model.think_step_embed, that of the step index. The observed stream's keys/values sit
     in caches, computed once; each step runs only the candidate slots. dE/dp by autograd, with
-    create_graph while gradients are on, so that the loss backpropagates through the step.
+    create_graph while gradients are on, so that the loss backpropagates through the step. While
+    training with train.compile=true, every step's E and dE/dp come from compile_dE_dp, the steps
+    without gradients (S2's truncated ones, contrastive chains) too.
     """
 
     def energy(p, step=None):
         create_graph = torch.is_grad_enabled()
-        if create_graph and model.compiled_dE_dp is not None:  # train.compile=true: compile_dE_dp
+        if model.training and model.compiled_dE_dp is not None:  # compile_dE_dp
             dE_dp, E = model.compiled_dE_dp(p, caches, step)
             return E, dE_dp
         with torch.enable_grad():

@@ -256,10 +256,10 @@ def compiled(model, cfg: RunConfig):
     pass over the observed tokens, and for the transformer energy the candidate pass with its dE/dp
     as one compiled function (energies.compile_dE_dp; training differentiates dE/dp again, and
     AOTAutograd, the autograd of torch.compile, supports no double backward, so the inner gradient
-    is traced into the graph instead). The energy head and the think steps stay eager, and so do
-    steps without a graph (evaluation, truncated steps). It sets model.compiled_dE_dp: a model
-    trained compiled keeps it. Checkpoints save `model` itself, so their keys stay clean (no
-    `_orig_mod.`).
+    is traced into the graph instead; the steps without a graph, S2's truncated ones, use it too).
+    The energy head and the think steps stay eager, and so does evaluation. It sets
+    model.compiled_dE_dp: a model trained compiled keeps it. Checkpoints save `model` itself, so
+    their keys stay clean (no `_orig_mod.`).
     """
     if not cfg.train.compile:
         return model

@@ -404,6 +404,16 @@ def test_flop_count_of_a_matmul_and_its_gradients(one_thread):
     assert bench.counted_flops(lambda: (a @ b).sum().backward()) == 3 * 2 * 3 * 5 * 7
 
 
+def test_flop_count_counts_every_dispatched_op(one_thread):
+    """bench.FlopCount.ops: one per aten op dispatched, elementwise ones included (which add no
+    FLOPs); an in-place op counts too."""
+    a, b = torch.randn(3, 5), torch.randn(5, 7)
+    with bench.FlopCount() as count:
+        c = (a @ b).relu()
+        c.add_(1.0)
+    assert (count.ops, count.flops) == (3, 2 * 3 * 5 * 7)
+
+
 def test_flop_count_sees_the_double_backward(one_thread, tmp_path):
     """An EBT step is counted with its dE/dp (autograd.grad with create_graph) and the backward
     through it: with 2 think steps through every block, over 3 times the FLOPs of the same model's

@@ -203,10 +203,10 @@ def training_curve(model, steps):
 @pytest.mark.parametrize("recipe", ["S1", "S2"])
 def test_compiled_dE_dp_trains_as_eager(recipe):
     """train.compile's E and dE/dp (energies.compile_dE_dp: the double backward runs through a
-    compiled graph) give the eager parameter gradients within 1e-5 relative in float32, and a
-    10-step loss curve within 1e-9 in float64 (in float32 S2's noisy steps amplify rounding: 1e-5 at
-    step 2 is 1e-2 by step 6, compiled or not)."""
-    for dtype, steps, rel in ((torch.float32, 1, 1e-6), (torch.float64, 10, 1e-9)):
+    compiled graph) give the eager parameter gradients and the first loss within 1e-5 relative in
+    float32, and a 10-step loss curve within 1e-9 in float64 (in float32 S2's noisy steps amplify
+    rounding: 1e-5 at step 2 is 1e-2 by step 6, compiled or not)."""
+    for dtype, steps, rel in ((torch.float32, 1, 1e-5), (torch.float64, 10, 1e-9)):
         models = [perturb(make_model(dtype=dtype,
                                      **(S1 if recipe == "S1" else S2))).train() for _ in "ab"]
         energies.compile_dE_dp(models[1])
