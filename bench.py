@@ -275,13 +275,16 @@ def profile_training(model, optimizer, state, cfg, batches, steps=5):
     return profiled(train, batches[0][0].device)
 
 
-def profile_generation(model, prompt, b, tokens=64):
+PROFILED_TOKENS = 64  # new tokens in bench.profile's generation profile
+
+
+def profile_generation(model, prompt, b):
     """Where the time of the command's model generating goes (profiled): greedy, batch 1, cached,
-    thinking b.gen_think_steps steps, tokens new tokens after a warm-up."""
+    thinking b.gen_think_steps steps, PROFILED_TOKENS new tokens after a warm-up."""
     model.eval()
     think = partial(system2_logits, steps=b.gen_think_steps)
     generate(model, prompt, 8, think)
-    return profiled(lambda: generate(model, prompt, tokens, think), prompt.device)
+    return profiled(lambda: generate(model, prompt, PROFILED_TOKENS, think), prompt.device)
 
 
 def generation_speed(model, prompt, b, k, cache=True, compile=False):
@@ -387,7 +390,7 @@ def report(r, b):
                    f"{v['first_steps_s']:.1f} |")
     if "profile" in r:
         out += ["", "where a training step's time goes (plain):", r["profile"]]
-        out += ["", f"where generating 64 tokens' time goes (the command's model, "
+        out += ["", f"where generating {PROFILED_TOKENS} tokens' time goes (the command's model, "
                     f"K={b.gen_think_steps}):", r["profile_generation"]]
     out += ["", "| generation (greedy, batch 1) | tokens/s | MFLOP/token (counted) | "
                 "aten ops/token | first call s | peak memory MB |",
