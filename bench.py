@@ -19,8 +19,8 @@ options]`.
    without the cache and compiled.
 5. Peak memory: the process's peak resident set on CPU, peak allocated memory per setting on CUDA.
 The modes apply their model keys on top of the command's config: give shapes and training keys, not
-a preset of the recipes. bench.profile=true prints where the time of a training step and of a
-generated token goes (torch.profiler, by operator; on CUDA by kernel time). Prints tables and writes
+a preset of the recipes. bench.profile=true prints where the time of each mode's training step and
+of a generated token goes (torch.profiler, by operator; on CUDA by kernel time). Prints tables and writes
 bench.json (in out_dir).
 """
 
@@ -73,7 +73,7 @@ class BenchConfig:
     compile: bool = True
     # mixed precision timed against float32
     dtypes: List[str] = field(default_factory=lambda: ["bfloat16"])
-    # print torch.profiler tables of plain training steps and of the command's model generating
+    # print torch.profiler tables of each mode's training steps and of the command's model generating
     profile: bool = False
 
 
@@ -187,7 +187,12 @@ def interleaved(settings, batches, b, device):
     times = {name: [] for name in settings}
     for _ in range(b.repeats):
         for name in settings:
+            if device_type == "cuda":  # each setting's own peak: reset outside the timed window
+                torch.cuda.reset_peak_memory_stats()
             times[name].append(window(name, b.steps))
+            if device_type == "cuda":
+                out[name]["peak_memory_mb"] = max(out[name].get("peak_memory_mb", 0.0),
+                                                  peak_memory_mb(device))
     for name, (_, _, _, cfg) in settings.items():
         med = statistics.median(times[name])
         tokens = b.steps * cfg.data.batch_size * cfg.data.block_size
@@ -214,8 +219,6 @@ def bench_training(cfg, b):
                                              y in batches])
         flops[mode] /= len(batches)
         settings[mode], models[mode] = (compiled(model, c), optimizer, state, c), model
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
     out = interleaved(settings, batches, b, device)
     for mode, t in out.items():
         t.update({"think_steps": settings[mode][3].model.think_steps,
@@ -264,7 +267,7 @@ def profiled(fn, device):
 
 
 def profile_training(model, optimizer, state, cfg, batches, steps=5):
-    """Where the time of plain mode's training steps goes (profiled)."""
+    """Where the time of a setting's training steps goes (profiled)."""
     scaler = grad_scaler(cfg.train.dtype, batches[0][0].device.type)
 
     def train():
@@ -353,7 +356,7 @@ def bench(cfg: BenchRun):
     # generation's prompt: the first half window of the val split
     prompt = data.splits["val"][: cfg.data.block_size // 2].view(1, -1).to(device)
     if b.profile:
-        result["profile"] = profile_training(*settings["plain"], batches)
+        result["profile"] = {mode: profile_training(*s, batches) for mode, s in settings.items()}
         result["profile_generation"] = profile_generation(model, prompt, b)
     result["generate"] = bench_generation(models, model, prompt, b)
     result["peak_memory_mb"] = peak_memory_mb(device)
@@ -365,31 +368,38 @@ def bench(cfg: BenchRun):
     return result
 
 
+def peak_cell(t):
+    """A training table's peak memory cell (CUDA only: elsewhere the peak is the process's)."""
+    return f" {t['peak_memory_mb']:.0f} |" if "peak_memory_mb" in t else ""
+
+
 def report(r, b):
     m = r["mfu"]
+    peak_head = " peak memory MB |" if "peak_memory_mb" in r["train"]["plain"] else ""
     out = [f"device {r['device']}, {r['threads']} threads, batch {r['batch_size']} x block "
            f"{r['block_size']}, "
            f"median of {b.repeats} x {b.steps} steps", "",
            "| training | K | parameters | GFLOP/step (counted) | x plain | ms/step | x plain | "
-           "tokens/s | first steps s |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "tokens/s | first steps s |" + peak_head,
+           "|---|---|---|---|---|---|---|---|---|" + "---|" * bool(peak_head)]
     for mode, t in r["train"].items():
         out.append(f"| {mode} | {t['think_steps']} | {t['params'] / 1e6:.2f}M | "
                    f"{t['flops_per_step'] / 1e9:.3f} | "
                    f"{t['flops_ratio']:.2f} | {t['ms_per_step']:.1f} | {t['time_ratio']:.2f} | "
-                   f"{t['tokens_per_s']:.0f} | {t['first_steps_s']:.1f} |")
+                   f"{t['tokens_per_s']:.0f} | {t['first_steps_s']:.1f} |" + peak_cell(t))
     out += ["", f"model FLOPs utilisation (plain): {m['achieved_flops'] / 1e9:.1f} GFLOP/s "
                 f"achieved "
             f"({m['flops_per_step'] / 1e9:.3f} GFLOP/step, counted) of a measured "
             f"{m['matmul_peak_flops'] / 1e9:.1f} "
             f"GFLOP/s {m['matmul_peak_dtype']} matmul peak = {m['fraction_of_peak']:.1%}"]
-    out += ["", "| training (the command's model) | tokens/s | ms/step | first steps s |",
-            "|---|---|---|---|"]
+    out += ["", "| training (the command's model) | tokens/s | ms/step | first steps s |" + peak_head,
+            "|---|---|---|---|" + "---|" * bool(peak_head)]
     for name, v in r["variants"].items():
         out.append(f"| {name} | {v['tokens_per_s']:.0f} | {v['ms_per_step']:.1f} | "
-                   f"{v['first_steps_s']:.1f} |")
+                   f"{v['first_steps_s']:.1f} |" + peak_cell(v))
     if "profile" in r:
-        out += ["", "where a training step's time goes (plain):", r["profile"]]
+        for mode, table in r["profile"].items():
+            out += ["", f"where a training step's time goes ({mode}):", table]
         out += ["", f"where generating {PROFILED_TOKENS} tokens' time goes (the command's model, "
                     f"K={b.gen_think_steps}):", r["profile_generation"]]
     out += ["", "| generation (greedy, batch 1) | tokens/s | MFLOP/token (counted) | "
