@@ -97,7 +97,10 @@ def compile_dE_dp(model):
         E = model.candidate_energy(model.candidate_embedding(p), caches, step)  # (..., T)
         return E.sum(), E
 
-    model.compiled_dE_dp = torch.compile(torch.func.grad(E_sum, has_aux=True))
+    # no persistent reductions: Triton 3.6 (torch 2.11) fails to build the fused softmax of the
+    # candidate attention as one under bfloat16 on an H200 (docs/gpu.md); CPU code is unaffected
+    model.compiled_dE_dp = torch.compile(torch.func.grad(E_sum, has_aux=True),
+                                         options={"triton.persistent_reductions": False})
 
 
 # --------------------------------------------------------------------------------------------------

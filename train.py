@@ -94,7 +94,7 @@ def train_processes(cfg: RunConfig, procs: Processes):
         stop.restore()
     if procs.master:
         print(f"done: {step} steps in {time.time() - t_start:.1f}s, best val loss {best_val:.4f}, "
-              f"saved {Path(cfg.out_dir) / 'final.pt'}")
+              f"saved {Path(cfg.out_dir) / 'final.pt'}{peak_gpu_memory(device)}")
     return best_val
 
 
@@ -109,6 +109,14 @@ def describe(cfg: RunConfig, procs, model, data, device):
             f"device {device}{f' x {procs.world} processes' if procs.world > 1 else ''}, "
             f"{rows} windows per step, {cfg.train.dtype}, think_steps {cfg.model.think_steps}, "
             f"out_dir {cfg.out_dir}")
+
+
+def peak_gpu_memory(device):
+    """', peak GPU memory X GiB' (what tensors took at most on this process's GPU) on CUDA, else
+    nothing."""
+    if torch.device(device).type != "cuda":
+        return ""
+    return f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
 
 
 def set_lr(optimizer, step, t: TrainConfig):

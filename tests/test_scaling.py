@@ -178,6 +178,6 @@ def test_compile_without_a_cpp_compiler_trains_eager(monkeypatch, capsys):
     assert len(out) == 1 and "C++ compiler" in out[0] and "training eager" in out[0] and "install g++" in out[0]
     assert engine.compiled(model, step_config(model)) is model  # compile off: the model itself
     monkeypatch.setattr(engine.shutil, "which", lambda name: f"/usr/bin/{name}")
-    monkeypatch.setattr(torch, "compile", lambda f: f)
+    monkeypatch.setattr(torch, "compile", lambda f, **options: f)
     engine.compiled(model, step_config(model, compile="true"))
     assert model.compiled_dE_dp is not None  # with a compiler: the candidate pass and its dE/dp compiled too
