@@ -359,7 +359,10 @@ def bench(cfg: BenchRun):
         result["profile"] = {mode: profile_training(*s, batches) for mode, s in settings.items()}
         result["profile_generation"] = profile_generation(model, prompt, b)
     result["generate"] = bench_generation(models, model, prompt, b)
-    result["peak_memory_mb"] = peak_memory_mb(device)
+    # the run's peak: on CUDA each setting reset it, so the largest of theirs
+    result["peak_memory_mb"] = max([peak_memory_mb(device)] + [
+        t["peak_memory_mb"] for part in ("train", "variants", "generate")
+        for t in result[part].values() if "peak_memory_mb" in t])
     print(report(result, b))
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
