@@ -378,13 +378,14 @@ def peak_cell(t):
 
 def report(r, b):
     m = r["mfu"]
-    peak_head = " peak memory MB |" if "peak_memory_mb" in r["train"]["plain"] else ""
+    peak = "peak_memory_mb" in r["train"]["plain"]  # CUDA: a peak memory column
+    peak_head = " peak memory MB |" if peak else ""
     out = [f"device {r['device']}, {r['threads']} threads, batch {r['batch_size']} x block "
            f"{r['block_size']}, "
            f"median of {b.repeats} x {b.steps} steps", "",
            "| training | K | parameters | GFLOP/step (counted) | x plain | ms/step | x plain | "
            "tokens/s | first steps s |" + peak_head,
-           "|---|---|---|---|---|---|---|---|---|" + "---|" * bool(peak_head)]
+           "|---" * (9 + peak) + "|"]
     for mode, t in r["train"].items():
         out.append(f"| {mode} | {t['think_steps']} | {t['params'] / 1e6:.2f}M | "
                    f"{t['flops_per_step'] / 1e9:.3f} | "
@@ -396,7 +397,7 @@ def report(r, b):
             f"{m['matmul_peak_flops'] / 1e9:.1f} "
             f"GFLOP/s {m['matmul_peak_dtype']} matmul peak = {m['fraction_of_peak']:.1%}"]
     out += ["", "| training (the command's model) | tokens/s | ms/step | first steps s |" + peak_head,
-            "|---|---|---|---|" + "---|" * bool(peak_head)]
+            "|---" * (4 + peak) + "|"]
     for name, v in r["variants"].items():
         out.append(f"| {name} | {v['tokens_per_s']:.0f} | {v['ms_per_step']:.1f} | "
                    f"{v['first_steps_s']:.1f} |" + peak_cell(v))
