@@ -114,6 +114,16 @@ def plot_energy_gap(plt, metrics, path):
          "energy of the negatives above that of the data")
 
 
+def arm_name(m):
+    """A trend arm's name from its checkpoint's model config: plain, EBT, or energy and rule."""
+    k = m["think_steps"]
+    if k == 0:
+        return "plain transformer"
+    if m["energy"] == "transformer" and m["think_rule"] == "ebt":
+        return f"EBT, K={k}"
+    return f"{m['energy']} energy, {m['think_rule']} rule, K={k}"
+
+
 def trend_points(evals):
     """One point per eval.json: its arm (named from the checkpoint's config), the tokens it trained
     on (steps x batch_size x block_size x grad_accum_steps x processes), seed, and the val loss and
@@ -123,14 +133,10 @@ def trend_points(evals):
         r = json.loads(Path(file).read_text())
         ckpt = load_checkpoint(r["checkpoint"])
         m, d, t = ckpt["config"]["model"], ckpt["config"]["data"], ckpt["config"]["train"]
-        k = m["think_steps"]
-        ebt = m["energy"] == "transformer" and m["think_rule"] == "ebt"
-        arm = "plain transformer" if k == 0 else \
-            f"{'EBT' if ebt else m['energy'] + ' energy, ' + m['think_rule'] + ' rule'}, K={k}"
         row = next(x for x in r["think_sweep"] if x["think_steps"] == r["model_think_steps"])
         tokens = (ckpt["step"] * d["batch_size"] * d["block_size"] * t["grad_accum_steps"]
                   * ckpt.get("processes", 1))  # checkpoints before "processes": one process
-        points.append({"arm": arm, "tokens": tokens, "steps": ckpt["step"], "seed": t["seed"],
+        points.append({"arm": arm_name(m), "tokens": tokens, "steps": ckpt["step"], "seed": t["seed"],
                        "loss": row["loss"], "se": row["se"]})
     if len({p["arm"] for p in points}) != 2:
         raise UserError(f"trend needs eval.json files of exactly two arms, got "
