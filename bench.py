@@ -43,7 +43,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from ebm import generate, system2_logits
-from engine import DTYPES, RunConfig, check_dtype, compiled, grad_scaler, setup, train_step
+from engine import (DTYPES, Objective, RunConfig, check_dtype, compiled, grad_scaler, setup,
+                    train_step)
 from util import UserError, check_overrides, run, sync
 
 
@@ -165,21 +166,21 @@ def mode_config(cfg, mode):
 
 def interleaved(settings, batches, b, device):
     """
-    settings: name -> (model to step, its optimizer, its chain state, its config). Each first runs
-    b.warmup untimed steps (allocator, caches, compiling), then b.repeats windows of b.steps steps,
-    the settings taking turns so that a noisy machine slows all alike. Per name: tokens/s and
-    ms/step of the median window.
+    settings: name -> (its objective (engine.Objective), its optimizer, its config). Each first
+    runs b.warmup untimed steps (allocator, caches, compiling), then b.repeats windows of b.steps
+    steps, the settings taking turns so that a noisy machine slows all alike. Per name: tokens/s
+    and ms/step of the median window.
     """
     device_type = torch.device(device).type
 
     def window(name, n):
-        fwd, optimizer, state, cfg = settings[name]
+        objective, optimizer, cfg = settings[name]
         scaler = grad_scaler(cfg.train.dtype, device_type)
         sync(device)
         t0 = time.perf_counter()
         for i in range(n):
             x, y = batches[i % len(batches)]
-            train_step(fwd, optimizer, x, y, state, cfg, scaler=scaler)
+            train_step(objective, optimizer, x, y, cfg, scaler)
         sync(device)
         return time.perf_counter() - t0
 
@@ -193,7 +194,7 @@ def interleaved(settings, batches, b, device):
             if device_type == "cuda":
                 out[name]["peak_memory_mb"] = max(out[name].get("peak_memory_mb", 0.0),
                                                   peak_memory_mb(device))
-    for name, (_, _, _, cfg) in settings.items():
+    for name, (_, _, cfg) in settings.items():
         med = statistics.median(times[name])
         tokens = b.steps * cfg.data.batch_size * cfg.data.block_size
         out[name].update({"tokens_per_s": tokens / med, "ms_per_step": 1000 * med / b.steps,
@@ -205,23 +206,26 @@ def bench_training(cfg, b):
     """Per mode: counted FLOPs per training step (the mean over b.steps steps: EBT's S2 draws its
     number of think steps) and ms/step, the modes interleaved, compiled with train.compile (the
     FLOPs are counted eager first: compiled kernels bypass the dispatcher); ratios against plain.
-    Returns the table, each mode's setting (what the step calls, its optimizer, chain state and
-    config) and model, the data, the batches and the device."""
+    Returns the table, each mode's setting (its objective, optimizer and config) and model, the
+    data, the batches and the device."""
     settings, models, flops, batches = {}, {}, {}, None
     for mode in ["plain", *[m for m in b.modes if m != "plain"]]:
         c = mode_config(cfg, mode)
-        device, data, model, optimizer, state = setup(c)
+        run = setup(c)
+        device, data, model, optimizer = run.device, run.data, run.model, run.optimizer
         if batches is None:
             gen = torch.Generator().manual_seed(cfg.train.seed)
             batches = [data.batch("train", cfg.data.batch_size, gen,
                                   device) for _ in range(b.steps)]
-        flops[mode] = counted_flops(lambda: [train_step(model, optimizer, x, y, state, c) for x,
-                                             y in batches])
+        objective = Objective(model, run.state)
+        flops[mode] = counted_flops(lambda: [train_step(objective, optimizer, x, y, c)
+                                             for x, y in batches])
         flops[mode] /= len(batches)
-        settings[mode], models[mode] = (compiled(model, c), optimizer, state, c), model
+        settings[mode] = (Objective(compiled(model, c), run.state), optimizer, c)
+        models[mode] = model
     out = interleaved(settings, batches, b, device)
     for mode, t in out.items():
-        t.update({"think_steps": settings[mode][3].model.think_steps,
+        t.update({"think_steps": settings[mode][2].model.think_steps,
                   "params": models[mode].num_params(),
                   "flops_per_step": flops[mode]})
     for t in out.values():
@@ -233,22 +237,24 @@ def bench_training(cfg, b):
 def bench_variants(cfg, b, batches, device):
     """Training tokens/s of the command's model: float32 eager, compiled, and each of b.dtypes.
     Returns the table and the model (generation times it next)."""
-    _, _, model, optimizer, state = setup(cfg)
+    run = setup(cfg)
+    model, objective = run.model, Objective(run.model, run.state)
     f32 = copy.deepcopy(cfg)
     f32.train.dtype = "float32"  # the rows named float32 are float32 whatever train.dtype says
-    settings = {"float32 eager": (model, optimizer, state, f32)}
+    settings = {"float32 eager": (objective, run.optimizer, f32)}
     # a model of its own: compiled() gives a transformer energy's model a compiled dE/dp
     if b.compile:
         c = copy.deepcopy(f32)
         c.train.compile = True
-        _, _, c_model, c_optimizer, c_state = setup(c)
-        settings["float32 compiled"] = (compiled(c_model, c), c_optimizer, c_state, f32)
+        c_run = setup(c)
+        c_objective = Objective(compiled(c_run.model, c), c_run.state)
+        settings["float32 compiled"] = (c_objective, c_run.optimizer, f32)
     for dtype in b.dtypes:
         c = copy.deepcopy(cfg)
         c.train.dtype = dtype
         # one line if this device cannot
         check_dtype(dtype, torch.device(device).type, cfg.model.energy)
-        settings[f"{dtype} eager"] = (model, optimizer, state, c)
+        settings[f"{dtype} eager"] = (objective, run.optimizer, c)
     return interleaved(settings, batches, b, device), model
 
 
@@ -266,14 +272,14 @@ def profiled(fn, device):
                                      else "self_cpu_time_total", row_limit=20)
 
 
-def profile_training(model, optimizer, state, cfg, batches, steps=5):
+def profile_training(objective, optimizer, cfg, batches, steps=5):
     """Where the time of a setting's training steps goes (profiled)."""
     scaler = grad_scaler(cfg.train.dtype, batches[0][0].device.type)
 
     def train():
         for i in range(steps):
             x, y = batches[i % len(batches)]
-            train_step(model, optimizer, x, y, state, cfg, scaler=scaler)
+            train_step(objective, optimizer, x, y, cfg, scaler)
 
     return profiled(train, batches[0][0].device)
 

@@ -12,7 +12,7 @@ import torch
 from omegaconf import OmegaConf
 
 from data import Vocab
-from engine import RunConfig
+from engine import Run, RunConfig
 from model import GPT, ModelConfig
 from util import UserError
 
@@ -68,12 +68,12 @@ class Checkpoints:
     writes.
     """
 
-    def __init__(self, cfg: RunConfig, procs, model, optimizer, state, scaler, batch_gen, vocab):
-        self.cfg, self.procs, self.model = cfg, procs, model
-        self.optimizer, self.state, self.scaler = optimizer, state, scaler
-        self.batch_gen, self.vocab = batch_gen, vocab
+    def __init__(self, cfg: RunConfig, procs, run: Run):
+        self.cfg, self.procs, self.model = cfg, procs, run.model
+        self.optimizer, self.state, self.scaler = run.optimizer, run.state, run.scaler
+        self.batch_gen, self.vocab = run.batch_gen, run.data.vocab
         self.dir = Path(cfg.out_dir)
-        device_type = next(model.parameters()).device.type
+        device_type = next(run.model.parameters()).device.type
         # the device's own RNG (dropout, think noise and chains draw from it on CUDA and MPS):
         # "cuda" or "mps", whose torch modules both have get_rng_state / set_rng_state
         self.device_rng = device_type if device_type in ("cuda", "mps") else None
@@ -146,7 +146,7 @@ class Checkpoints:
         if (new["model"]["think_step_embed"]
                 and old["model"].get("think_steps") != new["model"]["think_steps"]):
             fixed.append("model.think_steps")  # one step embedding per step
-        fixed += [f"data.{k}" for k in ("data_path", "block_size")
+        fixed += [f"data.{k}" for k in ("data_path", "val_path", "block_size")
                   if old["data"].get(k) != new["data"][k]]
         if fixed or ckpt["vocab"] != self.vocab.chars:
             raise UserError(f"{path} was trained with another {', '.join(fixed) or 'vocabulary'}; "

@@ -1,7 +1,7 @@
 """
-Contrastive divergence (CD, PCD, fast PCD) and the training state that persists across steps: what
-model.use_contrastive adds to ebm.losses, and the replay buffer that EBT's warm starts
-(model.replay_size) share with PCD's chains.
+Contrastive divergence (CD, PCD, fast PCD) and the training state that persists across steps: the
+replay buffer that EBT's warm starts (model.replay_size) share with PCD's chains. `losses` wraps
+ebm.losses with both; the training objective uses it when either is configured (engine.Objective).
 
 L_cd = (E_pos - E_neg) + reg * (E_pos^2 + E_neg^2) pulls down the energy of the true next token and
 pushes up that of negatives q sampled by chains: k natural-gradient steps on F (natural_step) in the
@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+import ebm
 from ebm import make_energy, think
 
 # --------------------------------------------------------------------------------------------------
@@ -127,6 +128,49 @@ def contrastive_loss(model, h, e, targets, caches=None, state=None, stored=None)
             fast.mul_(cfg.fast_weight_decay).sub_(cfg.fast_weight_lr * grad.to(fast.dtype))
     loss = (e_pos - e_neg) + cfg.contrastive_reg * (e_pos**2 + e_neg**2)  # L_cd
     return loss, (e_neg - e_pos).detach(), z
+
+
+# --------------------------------------------------------------------------------------------------
+# ebm.losses with the replay buffer and the contrastive term
+
+
+def losses(model, idx, targets, state=None, think_steps=None):
+    """
+    ebm.losses while training with what persists across steps, in state (a ReplayState): replayed
+    windows in the first rows of the batch, whose thinking resumes where it stopped (EBT's warm
+    starts, model.replay_size), and with model.use_contrastive the term cd and cd_gap (E_neg -
+    E_pos, detached: logged, not trained), whose PCD chains persist with their windows. In eval:
+    ebm.losses.
+    """
+    cfg = model.config
+    if not model.training:
+        return ebm.losses(model, idx, targets, think_steps)
+    K = ebm.steps_for_batch(model, think_steps)
+    warm = cfg.replay_size > 0 and K > 0  # EBT's replay: thinking resumes
+    pcd = cfg.use_contrastive and cfg.contrastive_type != "cd"  # the chains resume
+    slots = None
+    if warm or pcd:  # some rows are windows seen before
+        idx, targets, slots = state.replay_draw(idx, targets, cfg.replay_frac)
+    h, e, caches = ebm.observe(model, idx)  # the only pass over the observed tokens
+    energy = make_energy(model, h, e, caches)
+    start = warm_start(model, e, state, slots) if warm and slots is not None else None
+    zs = ebm.predict(model, e, energy, K, start)
+    out, chain = ebm.cross_entropies(model, zs, targets), None
+    if cfg.use_contrastive:
+        stored = state.replay_chain[slots] if pcd and slots is not None else None
+        cd = contrastive_loss(model, h, e, targets, caches, state, stored)
+        out["cd"], out["cd_gap"], chain = cd
+    if warm or pcd:
+        state.replay_store(idx, targets, slots, z=zs[-1].detach() if warm else None,
+                           chain=chain if pcd else None)
+    return out
+
+
+def warm_start(model, e, state, slots):
+    """Where thinking starts: the replayed rows (the first slots.numel()) where their thinking
+    stopped last time, the others where model.think_start says."""
+    start = ebm.think_start(model.config, ebm.system1_logits(model, e))
+    return torch.cat([state.replay_z[slots].to(start.dtype), start[slots.numel() :]])
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,17 +1,17 @@
 """
-Character-level data: load the text (downloading tiny Shakespeare, or writing dyck.py's bracket
-tasks, if it is missing), build the vocabulary, split 90/10 into train/val as nanoGPT does, and draw
-random batches.
+Character-level data: load the text (downloading tiny Shakespeare if it is missing, or writing
+another corpus that WRITERS knows), build the vocabulary, split 90/10 into train/val as nanoGPT
+does, and draw random batches.
 """
 
 import hashlib
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
-import dyck
 from util import UserError
 
 REPO = Path(__file__).resolve().parent
@@ -23,6 +23,8 @@ SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2d
 @dataclass
 class DataConfig:
     data_path: str = "shakespeare.txt"  # relative paths: the working directory, else the repo root
+    # a val text of its own (then all of data_path trains); null: data_path's last 10% validates
+    val_path: Optional[str] = None
     batch_size: int = 32
     # context length: the only block size (model.block_size is copied from it)
     block_size: int = 128
@@ -36,6 +38,7 @@ def resolve_path(data_path):
 
 
 def download_shakespeare(path):
+    print(f"downloading tiny Shakespeare to {path}")
     try:
         with urllib.request.urlopen(SHAKESPEARE_URL, timeout=30) as r:
             raw = r.read()
@@ -54,18 +57,18 @@ def write_atomically(path, raw):
     tmp.replace(path)
 
 
+# a data file's name -> write(path), what makes it when it is missing: tiny Shakespeare here; the
+# research extras add theirs (dyck.py: dyck.txt)
+WRITERS = {"shakespeare.txt": download_shakespeare}
+
+
 def load_text(data_path):
     path = resolve_path(data_path)
     if not path.exists():
-        if path.name == "dyck.txt":  # generated here, deterministically (dyck.py)
-            print(f"writing balanced-bracket tasks to {path} (dyck.training_text)")
-            write_atomically(path, dyck.training_text().encode())
-        elif path.name == "shakespeare.txt":
-            print(f"downloading tiny Shakespeare to {path}")
-            download_shakespeare(path)
-        else:
+        if path.name not in WRITERS:
             raise UserError(f"data file {path} not found: pass data.data_path=FILE with a text "
                             "file")
+        WRITERS[path.name](path)
     try:
         return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
@@ -106,13 +109,22 @@ def train_val_split(ids):
     return ids[:n], ids[n:]
 
 
-class Dataset:
-    """The encoded text split into train (first 90%) and val (last 10%)."""
+def val_text(data_path, val_path=None):
+    """The val text of a run's data: val_path's text, else the last 10% of data_path's."""
+    return load_text(val_path) if val_path else train_val_split(load_text(data_path))[1]
 
-    def __init__(self, text, block_size):
-        self.vocab = Vocab.from_text(text)
+
+class Dataset:
+    """The encoded text split into train (first 90%) and val (last 10%), or, given a val text of
+    its own (data.val_path), all of text trains; the vocabulary is that of both."""
+
+    def __init__(self, text, block_size, val_text=None):
+        self.vocab = Vocab.from_text(text if val_text is None else text + val_text)
         ids = torch.tensor(self.vocab.encode(text), dtype=torch.long)
-        train, val = train_val_split(ids)
+        if val_text is None:
+            train, val = train_val_split(ids)
+        else:
+            train, val = ids, torch.tensor(self.vocab.encode(val_text), dtype=torch.long)
         self.splits = {"train": train, "val": val}
         self.block_size = block_size
         shortest = min(len(s) for s in self.splits.values())

@@ -10,17 +10,18 @@ need:
 
 The completion is determined by the prefix (a stack check), so a model either closes correctly or
 not. `uv run train.py data.data_path=dyck.txt` trains on it like on tiny Shakespeare: data.py writes
-dyck.txt from `training_text()` when the file is missing. The evaluation sets (`eval_sets()`) are
-prefixes in bins: in distribution, depth just past the training depth, depth far past it, and long
-opener-closer distance. `score()` completes them greedily (thinking K steps with M starts, or
-reading the energy's exact argmin) and reports exact match and per-character accuracy with bootstrap
-intervals over tasks, and the compute spent.
+dyck.txt from `training_text()` when the file is missing (write_training_text, in data.WRITERS).
+The evaluation sets (`eval_sets()`) are prefixes in bins: in distribution, depth just past the
+training depth, depth far past it, and long opener-closer distance. `score()` completes them
+greedily (thinking K steps with M starts, or reading the energy's exact argmin) and reports exact
+match and per-character accuracy with bootstrap intervals over tasks, and the compute spent.
 """
 
 import random
 
 import torch
 
+import data
 from ebm import make_energy, observe, self_verify, system2_logits
 from energies import onehot_energies
 from util import bootstrap_means
@@ -90,6 +91,15 @@ def training_text(seed=TRAIN_SEED, n_chars=TRAIN_CHARS):
         lines.append(prefix + SEP + completion)
         total += len(lines[-1]) + 1
     return "\n".join(lines) + "\n"
+
+
+def write_training_text(path):
+    """dyck.txt: training_text(), written where data.data_path points when the file is missing."""
+    print(f"writing balanced-bracket tasks to {path} (dyck.training_text)")
+    data.write_atomically(path, training_text().encode())
+
+
+data.WRITERS["dyck.txt"] = write_training_text
 
 
 def eval_sets(seed, n_per_bin, exclude=(), tries=10_000):

@@ -7,13 +7,14 @@ Energy-based next-token prediction, read top to bottom (the README's math, a sec
 3. thinking:     K steps of a step rule on the candidate's logits, per position (the think loop).
 4. System 1, 2:  z_0 = -e_t / T in one pass, then thinking from there; self-verification.
 5. losses:       cross-entropy on the thinking output (autograd runs through the K steps) and on
-                 System 1 [+ contrastive divergence: contrastive.py].
+                 System 1.
 6. generate:     next-token prediction with a KV cache, thinking at every new token.
 
-Position t predicts x_{t+1} and never sees it: everything here is per position. The research extras
-sit beside this file and import from it: energies.py (the mixture and transformer (EBT) energies,
-products of experts, the exact verifier, top-k and bans) and contrastive.py (CD, PCD, fast PCD and
-the replay buffer).
+Position t predicts x_{t+1} and never sees it: everything here is per position. This file imports
+nothing of the project; the research extras import it and plug in where the model and its
+objective are built: energies.py adds the mixture and transformer (EBT) energies to ENERGIES and a
+product of experts to generate (energies.Product, an Experts); contrastive.losses wraps losses with
+the replay buffer of EBT's warm starts and contrastive divergence (CD, PCD, fast PCD).
 """
 
 import math
@@ -32,19 +33,20 @@ def linear_energy(e):
     return lambda p, step=None: ((p * e).sum(-1), e)  # E(p) = <p, e_t>
 
 
+# model.energy -> make(model, h, e, caches) -> energy; energies.py adds the mixture and transformer
+ENERGIES = {"linear": lambda model, h, e, caches: linear_energy(e)}
+
+
 def make_energy(model, h, e, caches=None):
     """
-    The configured energy (model.energy) at hidden states h (..., d), e = W_E h: linear, or the
-    mixture and transformer (EBT) energies of energies.py, which depend on the candidate. caches:
-    the observed keys/values that the transformer energy's candidate slots read (else None).
+    The configured energy (model.energy) at hidden states h (..., d), e = W_E h, from ENERGIES:
+    linear here; energies.py adds the mixture and transformer (EBT) energies, which depend on the
+    candidate. caches: the observed keys/values that the transformer energy's candidate slots read.
     """
-    if model.config.energy == "linear":
-        return linear_energy(e)
-    import energies  # it imports this module: imported here, when first needed
-
-    if model.config.energy == "mixture":
-        return energies.mixture_energy(model, h, e)
-    return energies.transformer_energy(model, caches)
+    if model.config.energy not in ENERGIES:
+        raise KeyError(f"model.energy={model.config.energy} is not in ebm.ENERGIES: import "
+                       "energies (it adds mixture and transformer)")
+    return ENERGIES[model.config.energy](model, h, e, caches)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -211,53 +213,51 @@ def observe(model, idx):
     return h, model.energies(h), caches
 
 
-def losses(model, idx, targets, state=None, think_steps=None):
-    """
-    Per-position loss terms (each (B, T)) for tokens idx and next tokens targets: ce (the
-    prediction, after thinking; in eval from model.think_samples starts), ce_s1 (System 1),
-    ce_steps (model.ce_all_steps: the mean over the steps), and while training with contrastive
-    divergence cd and cd_gap (E_neg - E_pos, detached: logged, not trained). state
-    (contrastive.ReplayState): EBT's replay buffer, whose windows resume thinking where it stopped
-    (warm starts), PCD's chains and fast PCD's fast weights.
-    """
-    cfg, training = model.config, model.training
+def steps_for_batch(model, think_steps=None):
+    """K for one batch: think_steps (default model.think_steps), and while training with
+    model.think_steps_random a draw from think_steps_min..K (EBT's S2)."""
+    cfg = model.config
     K = cfg.think_steps if think_steps is None else think_steps
-    if training and cfg.think_steps_random and K > cfg.think_steps_min:
+    if model.training and cfg.think_steps_random and K > cfg.think_steps_min:
         K = int(torch.randint(cfg.think_steps_min, K + 1, ()))
-    warm = training and cfg.replay_size > 0 and K > 0  # EBT's replay: thinking resumes
-    pcd = training and cfg.use_contrastive and cfg.contrastive_type != "cd"  # the chains resume
-    slots = None
-    if warm or pcd:  # some rows are windows seen before
-        idx, targets, slots = state.replay_draw(idx, targets, cfg.replay_frac)
-    h, e, caches = observe(model, idx)  # the only pass over the observed tokens
-    energy = make_energy(model, h, e, caches)
-    start = None
-    if warm and slots is not None:  # the replayed rows start where their thinking stopped
-        start = think_start(cfg, system1_logits(model, e))
-        start = torch.cat([state.replay_z[slots].to(start.dtype), start[slots.numel() :]])
-    if training:
-        zs = system2_logits(model, e, energy, K, start)
-    else:
-        zs = self_verify(model, e, energy, K, cfg.think_samples)[0]
+    return K
+
+
+def predict(model, e, energy, K, start=None):
+    """[z_0, ..., z_K] of a batch: System 2 from `start` while training (with its noise and random
+    step sizes), and in eval the best of model.think_samples starts (self_verify)."""
+    if model.training:
+        return system2_logits(model, e, energy, K, start)
+    return self_verify(model, e, energy, K, model.config.think_samples)[0]
+
+
+def cross_entropies(model, zs, targets):
+    """The loss terms (B, T) each of logits zs = [z_0, ..., z_K] for the next tokens targets (B, T):
+    ce of the prediction z_K, ce_s1 of System 1's z_0 and, while training with model.ce_all_steps,
+    ce_steps, the mean over the steps (EBT)."""
 
     def ce(z):
         loss = F.cross_entropy(z.flatten(0, 1), targets.flatten(), reduction="none")
         return loss.view_as(targets)
 
     out = {"ce": ce(zs[-1]), "ce_s1": ce(zs[0])}
-    if cfg.ce_all_steps and training and K > 1:  # train every step's prediction, as EBT
+    if model.config.ce_all_steps and model.training and len(zs) > 2:
         out["ce_steps"] = torch.stack([ce(z) for z in zs[1:]]).mean(0)
-    chain = None
-    if cfg.use_contrastive and training:
-        from contrastive import contrastive_loss  # it imports this module: imported here
-
-        stored = state.replay_chain[slots] if pcd and slots is not None else None
-        cd = contrastive_loss(model, h, e, targets, caches, state, stored)
-        out["cd"], out["cd_gap"], chain = cd
-    if warm or pcd:
-        z = zs[-1].detach() if warm else None
-        state.replay_store(idx, targets, slots, z=z, chain=chain if pcd else None)
     return out
+
+
+def losses(model, idx, targets, think_steps=None):
+    """
+    Per-position loss terms (each (B, T)) for tokens idx (B, T) and their next tokens targets, from
+    one transformer pass: ce (the prediction, after K think steps), ce_s1 (System 1) and ce_steps
+    (model.ce_all_steps). EBT's replay buffer and contrastive divergence wrap this in
+    contrastive.losses.
+    """
+    K = steps_for_batch(model, think_steps)
+    h, e, caches = observe(model, idx)  # the only pass over the observed tokens
+    energy = make_energy(model, h, e, caches)  # E(p), dE/dp of a candidate p at every position
+    zs = predict(model, e, energy, K)  # [z_0, z_1, ..., z_K]
+    return cross_entropies(model, zs, targets)  # CE(z_K), CE(z_0)
 
 
 def total_loss(cfg, terms, think_steps=None):
@@ -294,21 +294,19 @@ def generate(model, idx, max_new_tokens, think, choose=pick, use_cache=True, com
     Continue idx (B, T) by max_new_tokens tokens, each choose(z) (default: greedy, pick) from the
     logits z that think(model, e, energy) -> [z_0, ..., z_K] gives at the last position: e.g.
     partial(system2_logits, steps=K), self-verification (self_verify), either restricted to the
-    System 1 top-k or banning tokens (energies.restrict). model: a GPT, or a product of experts
-    (energies.Product: GPTs whose energies add), each expert with its own pass and KV cache.
+    System 1 top-k or banning tokens (energies.restrict). model: a GPT, or Experts whose energies
+    add (a product of experts: energies.Product), each expert with its own pass and KV cache.
     With the cache each new token costs one single-token pass; a full cache (block_size tokens) is
     rebuilt from the most recent block_size // 2 tokens, so each rebuild buys block_size // 2 cheap
     steps and the context never drops below half a window. use_cache=False: each step reruns the
     last block_size tokens. compile: torch.compile the passes and the thinking; a token's step is
     dozens of tiny kernels whose launch overhead dominates on CPU, and compiling fuses them.
     """
-    from energies import Product  # a single GPT is the product of one expert at weight 1
-
-    product = model if isinstance(model, Product) else Product([model])
-    forwards, predict = product.models, next_logits
+    product = model if isinstance(model, Experts) else Experts([model])
+    forwards, logits = product.models, next_logits
     if compile:
         forwards = [torch.compile(m, dynamic=True) for m in product.models]
-        predict = torch.compile(next_logits)
+        logits = torch.compile(next_logits)
     hs, caches = [None] * len(forwards), [None] * len(forwards)
     # inference mode skips autograd's bookkeeping of every small op (a tenth of a token's time); not
     # for the transformer energy, whose dE/dp needs autograd, which inference tensors (its caches)
@@ -318,7 +316,7 @@ def generate(model, idx, max_new_tokens, think, choose=pick, use_cache=True, com
         for _ in range(max_new_tokens):
             for i, (m, forward) in enumerate(zip(product.models, forwards)):  # each its own cache
                 hs[i], caches[i] = last_hidden(m, forward, idx, caches[i], use_cache)
-            idx = torch.cat([idx, choose(predict(product, hs, caches, think))], dim=1)
+            idx = torch.cat([idx, choose(logits(product, hs, caches, think))], dim=1)
     return idx.clone()  # a normal tensor (outside inference mode), whatever the caller does next
 
 
@@ -339,3 +337,21 @@ def last_hidden(model, forward, idx, caches, use_cache):
     ctx = idx[:, -max(1, bs // 2) :] if use_cache and caches is not None else idx[:, -bs:]
     caches = model.new_caches(idx.size(0))
     return forward(ctx, caches)[:, -1:], caches
+
+
+class Experts:
+    """
+    What generate predicts with: its models, each with its own pass and KV cache, and how their
+    energies combine. One GPT is itself: its energy vector and make_energy's energy. A product of
+    experts adds several with weights (energies.Product).
+    """
+
+    def __init__(self, models):
+        self.models = list(models)
+
+    def __call__(self, hs, caches):
+        """The energy vector e (System 1's) and the energy to descend, from each model's hidden
+        states hs[i] and caches[i]."""
+        model, h = self.models[0], hs[0]
+        e = model.energies(h)
+        return e, make_energy(model, h, e, caches[0])

@@ -17,7 +17,8 @@ import math
 import torch
 from torch.nn import functional as F
 
-from ebm import make_energy, system1_logits
+import ebm
+from ebm import Experts, make_energy, system1_logits
 
 # --------------------------------------------------------------------------------------------------
 # energies that depend on the candidate
@@ -103,6 +104,11 @@ def compile_dE_dp(model):
                                          options={"triton.persistent_reductions": False})
 
 
+# the energies that depend on the candidate, by model.energy: ebm.make_energy builds them
+ebm.ENERGIES["mixture"] = lambda model, h, e, caches: mixture_energy(model, h, e)
+ebm.ENERGIES["transformer"] = lambda model, h, e, caches: transformer_energy(model, caches)
+
+
 # --------------------------------------------------------------------------------------------------
 # products of experts
 
@@ -112,25 +118,25 @@ def weighted_sum(weights, xs):
     return sum(w * x for w, x in zip(weights, xs))
 
 
-class Product:
+class Product(Experts):
     """
     A product of experts: E(x, p) = sum_i w_i E_i(x, p), so dE/dp = sum_i w_i dE_i/dp, where expert
     i is its own model (weights: 1 each unless given) with its own hidden states h_i and caches_i
     (None but for the transformer energy). The experts share the vocabulary, token by token
-    (checkpoints.load_experts checks it). An energy builder: generate takes it in place of a model,
-    and thinking on the product uses the first expert's temperature and thinking options.
+    (checkpoints.load_experts checks it). generate takes it in place of a model, and thinking on the
+    product uses the first expert's temperature and thinking options.
     """
 
     def __init__(self, models, weights=None):
-        self.models = list(models)
+        super().__init__(models)
         self.weights = [1.0] * len(self.models) if weights is None else list(weights)
 
     def __call__(self, hs, caches):
         """The summed energy vector e = sum_i w_i e_i (System 1's) and the energy to descend."""
+        if len(self.models) == 1 and self.weights[0] == 1:  # a single model: its own energy
+            return super().__call__(hs, caches)
         es = [model.energies(h) for model, h in zip(self.models, hs)]
         parts = [make_energy(m, h, e, c) for m, h, e, c in zip(self.models, hs, es, caches)]
-        if len(parts) == 1 and self.weights[0] == 1:  # a single model: its own energy, no sums
-            return es[0], parts[0]
 
         def energy(p, step=None):
             Es, grads = zip(*(part(p, step) for part in parts))

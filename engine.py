@@ -10,6 +10,7 @@ import os
 import shutil
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Optional
 
 import torch
@@ -17,10 +18,12 @@ import torch.nn as nn
 from hydra.core.config_store import ConfigStore
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import contrastive
+import dyck  # noqa: F401  (adds dyck.txt to data.WRITERS)
 from contrastive import ReplayState, replay_windows
 from data import DataConfig, Dataset, load_text
 from ebm import losses, total_loss
-from energies import compile_dE_dp
+from energies import compile_dE_dp  # importing energies adds its energies to ebm.ENERGIES
 from model import GPT, ModelConfig
 from util import UserError, pick_device
 
@@ -100,6 +103,12 @@ def model_problems(m):
             problems.append(f"model.{key}={getattr(m, key)} must be > 0")
     if not 0 <= m.dropout < 1:
         problems.append(f"model.dropout={m.dropout} must be in [0, 1)")
+    return problems + thinking_problems(m)
+
+
+def thinking_problems(m):
+    """What is impossible in the thinking, energy, replay and contrastive keys, one phrase each."""
+    problems = []
     if (m.entropy_weight < 0 or m.think_noise < 0 or m.langevin_step_size < 0
             or m.langevin_noise_scale < 0):
         problems.append("model.entropy_weight, think_noise, langevin_step_size, "
@@ -294,36 +303,41 @@ def compiled(model, cfg: RunConfig):
 
 
 class Objective(nn.Module):
-    """The loss terms of a batch as one module call: DDP synchronises gradients of what its forward
-    runs."""
+    """
+    The loss terms of a batch as one module call (DDP synchronises the gradients of what its forward
+    runs), the loss chosen once: ebm.losses, or contrastive.losses where a replay buffer or
+    contrastive divergence is configured (state: their ReplayState, not a submodule, so that DDP
+    leaves each process's chains its own). model: a GPT or its compiled forward.
+    """
 
-    def __init__(self, model):
+    def __init__(self, model, state=None):
         super().__init__()
         self.model = model
+        extras = state is not None or model.config.use_contrastive
+        self.losses = partial(contrastive.losses, state=state) if extras else losses
 
-    def forward(self, x, y, state=None, think_steps=None):
-        return losses(self.model, x, y, state, think_steps)
+    def forward(self, x, y):
+        return self.losses(self.model, x, y)
 
 
-def train_step(model, optimizer, x, y, state, cfg: RunConfig, think_steps=None, scaler=None):
+def train_step(objective, optimizer, x, y, cfg: RunConfig, scaler=None):
     """
     One optimizer step on the windows (x, y), in train.grad_accum_steps micro-batches whose
     gradients add up (each loss divided by their number: the step equals one on all the windows at
-    once). model: a GPT, compiled or not, or a DDP-wrapped Objective, which averages the gradients
-    over the processes after the last micro-batch only. scaler: a GradScaler (float16 on CUDA).
+    once). objective: an Objective, or a DDP-wrapped one, which averages the gradients over the
+    processes after the last micro-batch only. scaler: a GradScaler (float16 on CUDA).
     Returns tensors (no sync): train_loss, the mean CE of the prediction, and with contrastive
     divergence energy_gap, the mean E_neg - E_pos.
     """
-    ddp = isinstance(model, DDP)
-    objective = model if ddp else Objective(model)
+    ddp = isinstance(objective, DDP)
     accum = cfg.train.grad_accum_steps
     optimizer.zero_grad(set_to_none=True)
     metrics = {}
     for i, (xb, yb) in enumerate(zip(x.chunk(accum), y.chunk(accum))):
         with objective.no_sync() if ddp and i < accum - 1 else nullcontext():
             with autocast_context(cfg.train.dtype, x.device.type):
-                terms = objective(xb, yb, state, think_steps)
-                loss = total_loss(cfg.model, terms, think_steps) / accum
+                terms = objective(xb, yb)
+                loss = total_loss(cfg.model, terms) / accum
             (loss if scaler is None else scaler.scale(loss)).backward()
         # train_loss is the CE of the prediction, as val_loss
         for name, term in (("train_loss", "ce"), ("energy_gap", "cd_gap")):
@@ -332,7 +346,7 @@ def train_step(model, optimizer, x, y, state, cfg: RunConfig, think_steps=None, 
     if scaler is not None:
         scaler.unscale_(optimizer)  # clip the true gradients
     if cfg.train.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        torch.nn.utils.clip_grad_norm_(objective.parameters(), cfg.train.grad_clip)
     if scaler is None:
         optimizer.step()
     else:
@@ -364,10 +378,23 @@ def evaluate(model, data, cfg: RunConfig, device, procs=None):
     return val, val_s1
 
 
+@dataclass
+class Run:
+    """A training run's parts, as setup builds them and ckpt.pt saves them."""
+
+    device: str
+    data: Dataset
+    model: GPT
+    optimizer: torch.optim.Optimizer
+    state: Optional[ReplayState]  # replay buffer, PCD chains, fast weights (None: none configured)
+    scaler: Optional[torch.amp.GradScaler]  # float16 loss scaling on CUDA, else None
+    batch_gen: torch.Generator  # draws the training batches: the same on every process
+
+
 def setup(cfg: RunConfig, device=None, rank=0, world=1):
     """Check the config, pick the device (unless given), load the data, build the model, its
-    optimizer and chain state. rank, world: this process's rank and the number of processes under
-    torchrun; every rank builds the same weights."""
+    optimizer and chain state: a Run. rank, world: this process's rank and the number of processes
+    under torchrun; every rank builds the same weights."""
     check_config(cfg)
     if cfg.data.batch_size % world:
         raise UserError(f"data.batch_size={cfg.data.batch_size} (the windows of a micro-batch, all "
@@ -379,7 +406,8 @@ def setup(cfg: RunConfig, device=None, rank=0, world=1):
     torch.manual_seed(cfg.train.seed)
     if device_type == "cuda":
         allow_tf32()
-    data = Dataset(load_text(cfg.data.data_path), cfg.data.block_size)
+    val = load_text(cfg.data.val_path) if cfg.data.val_path else None
+    data = Dataset(load_text(cfg.data.data_path), cfg.data.block_size, val)
     cfg.model.vocab_size = len(data.vocab)
     cfg.model.block_size = cfg.data.block_size
     model = GPT(cfg.model).to(device)
@@ -389,6 +417,6 @@ def setup(cfg: RunConfig, device=None, rank=0, world=1):
     # dropout, think noise and PCD chains differ between processes (rank 0 is a single process)
     if rank:
         torch.manual_seed(cfg.train.seed + rank)
-    # replay, PCD, fast weights
     state = ReplayState(cfg.model).to(device) if replay_windows(cfg.model) > 0 else None
-    return device, data, model, optimizer, state
+    return Run(device, data, model, optimizer, state, grad_scaler(t.dtype, device_type),
+               torch.Generator().manual_seed(t.seed))

@@ -21,8 +21,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from checkpoints import Checkpoints
-from engine import (Objective, RunConfig, TrainConfig, compiled, evaluate, get_lr, grad_scaler,
-                    setup, train_step)
+from engine import (Objective, RunConfig, TrainConfig, compiled, evaluate, get_lr, setup,
+                    train_step)
 from util import Processes, UserError, check_overrides, run
 
 
@@ -38,49 +38,31 @@ def train(cfg: RunConfig):
 
 def train_processes(cfg: RunConfig, procs: Processes):
     """Set up (or resume) the run and train it to train.max_steps; returns the best val loss."""
-    device, data, model, optimizer, state = setup(cfg, procs.device, procs.rank, procs.world)
-    t = cfg.train
-    batch_gen = torch.Generator().manual_seed(t.seed)  # the same on every process
-    scaler = grad_scaler(t.dtype, torch.device(device).type)
-    ckpts = Checkpoints(cfg, procs, model, optimizer, state, scaler, batch_gen, data.vocab)
+    run, t = setup(cfg, procs.device, procs.rank, procs.world), cfg.train
+    ckpts = Checkpoints(cfg, procs, run)
     step, best_val, elapsed = ckpts.resume() if t.resume else (0, math.inf, 0.0)
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-    fwd = wrap(model, cfg, procs)
+    objective = wrap(run, cfg, procs)
     rows = cfg.data.batch_size * t.grad_accum_steps  # windows per optimizer step, all processes
     if procs.master:
-        print(describe(cfg, procs, model, data, device))
-    log, stop = Log(cfg, procs.master, step), StopRequest()
-    t_start, t_log = time.time() - elapsed, time.time()  # the run's clock continues across resumes
-    sums, n_sum = {}, 0  # tensors summed since the last eval: train_loss (and energy_gap)
+        print(describe(cfg, procs, run))
+    log, stop = Log(cfg, procs, step), StopRequest()
+    t_start = time.time() - elapsed  # the run's clock continues across resumes
     try:
         while step < t.max_steps:  # the training loop
             if procs.any(stop.signal is not None):  # every process stops at the same step
-                ckpts.save("ckpt.pt", step, best_val, time.time() - t_start)
-                raise UserError(f"interrupted at step {step}; saved "
-                                f"{Path(cfg.out_dir) / 'ckpt.pt'}: continue with the same command "
-                                "plus train.resume=true")
-            lr = set_lr(optimizer, step, t)
-            x, y = data.batch("train", rows, batch_gen, device, procs.rank, procs.world)
-            for name, value in train_step(fwd, optimizer, x, y, state, cfg, scaler=scaler).items():
-                sums[name] = sums.get(name, 0.0) + value  # tensors: no sync
-            step, n_sum = step + 1, n_sum + 1
+                save_and_stop(ckpts, step, best_val, time.time() - t_start)
+            lr = set_lr(run.optimizer, step, t)
+            x, y = run.data.batch("train", rows, run.batch_gen, run.device, procs.rank, procs.world)
+            log.add(train_step(objective, run.optimizer, x, y, cfg, run.scaler))  # tensors: no sync
+            step += 1
             last = step == t.max_steps
-
-            # the only sync between evals; a NaN on any process stops all
-            if step % t.log_interval == 0 or last:
-                train_loss = procs.mean(sums["train_loss"]).item() / n_sum
-                check_finite(train_loss, "training loss", f"before step {step}", cfg.out_dir)
-                tokens = t.log_interval * rows * cfg.data.block_size
-                log.progress(step, train_loss, lr, tokens / (time.time() - t_log))
-                t_log = time.time()
-
+            if step % t.log_interval == 0 or last:  # the only sync between evals
+                log.progress(step, lr)  # a NaN on any process stops all
             if step % t.eval_interval == 0 or last:
-                val, val_s1 = evaluate(model, data, cfg, device, procs)
+                val, val_s1 = evaluate(run.model, run.data, cfg, run.device, procs)
                 check_finite(val, "val loss", f"at step {step}", cfg.out_dir)
-                means = {name: procs.mean(total).item() / n_sum for name, total in sums.items()}
-                log.eval({"step": step, "val_loss": val, "val_loss_s1": val_s1, **means,
-                          "lr": lr, "time_s": round(time.time() - t_start, 2)})
-                sums, n_sum = {}, 0
+                log.eval(step, val, val_s1, lr, time.time() - t_start)
                 if val < best_val:  # val is the same on every process: they agree
                     best_val = val
                     ckpts.save("best.pt", step, best_val, time.time() - t_start)
@@ -89,12 +71,12 @@ def train_processes(cfg: RunConfig, procs: Processes):
     finally:
         # the DDP wrapper goes before its process group (train() destroys that next): a reducer
         # outliving its group can abort the process at exit; an exception's traceback keeps it alive
-        fwd = None
+        objective = None
         log.close()
         stop.restore()
     if procs.master:
         print(f"done: {step} steps in {time.time() - t_start:.1f}s, best val loss {best_val:.4f}, "
-              f"saved {Path(cfg.out_dir) / 'final.pt'}{peak_gpu_memory(device)}")
+              f"saved {ckpts.dir / 'final.pt'}{peak_gpu_memory(run.device)}")
     return best_val
 
 
@@ -102,11 +84,11 @@ def train_processes(cfg: RunConfig, procs: Processes):
 # what the loop calls
 
 
-def describe(cfg: RunConfig, procs, model, data, device):
+def describe(cfg: RunConfig, procs, run):
     """The run in one line, printed as it starts."""
     rows = cfg.data.batch_size * cfg.train.grad_accum_steps
-    return (f"{model.num_params() / 1e6:.2f}M parameters, vocab {len(data.vocab)}, "
-            f"device {device}{f' x {procs.world} processes' if procs.world > 1 else ''}, "
+    return (f"{run.model.num_params() / 1e6:.2f}M parameters, vocab {len(run.data.vocab)}, "
+            f"device {run.device}{f' x {procs.world} processes' if procs.world > 1 else ''}, "
             f"{rows} windows per step, {cfg.train.dtype}, think_steps {cfg.model.think_steps}, "
             f"out_dir {cfg.out_dir}")
 
@@ -127,45 +109,57 @@ def set_lr(optimizer, step, t: TrainConfig):
     return lr
 
 
-def wrap(model, cfg: RunConfig, procs):
-    """What the training step calls: the model (compiled with train.compile), under DDP with several
-    processes."""
-    fwd = compiled(model, cfg)  # checkpoints always save `model`: clean keys
+def wrap(run, cfg: RunConfig, procs):
+    """What the training step calls: the objective (engine.Objective) of the model (compiled with
+    train.compile), under DDP with several processes."""
+    objective = Objective(compiled(run.model, cfg), run.state)  # checkpoints save run.model itself
     if procs.world == 1:
-        return fwd
+        return objective
     # with no think step the energy's own parameters (mixture g, candidate slots, a learned step
     # size) get no gradient, and DDP must be told to look for them
-    device = next(model.parameters()).device
-    return DDP(Objective(fwd), device_ids=[device] if device.type == "cuda" else None,
+    device = torch.device(run.device)
+    return DDP(objective, device_ids=[device] if device.type == "cuda" else None,
                find_unused_parameters=cfg.model.think_steps == 0)
 
 
 class Log:
-    """The progress bar, out_dir/metrics.jsonl (one JSON object per eval) and wandb; rank 0 only."""
+    """The training losses summed since the last eval (tensors), the progress bar,
+    out_dir/metrics.jsonl (one JSON object per eval) and wandb; rank 0 writes."""
 
-    def __init__(self, cfg: RunConfig, master, step):
-        self.master, self.wandb = master, None
+    def __init__(self, cfg: RunConfig, procs, step):
+        self.cfg, self.procs, self.master, self.wandb = cfg, procs, procs.master, None
+        self.sums, self.n_sum, self.t_log = {}, 0, time.time()
         self.bar = tqdm(total=cfg.train.max_steps, initial=step, dynamic_ncols=True, desc="train",
-                        disable=not master)
+                        disable=not self.master)
         mode = "a" if cfg.train.resume else "w"
-        self.metrics = open(Path(cfg.out_dir) / "metrics.jsonl", mode) if master else None
-        if cfg.wandb_project and master:
-            import wandb
+        self.metrics = open(Path(cfg.out_dir) / "metrics.jsonl", mode) if self.master else None
+        if cfg.wandb_project and self.master:
+            self.wandb = start_wandb(cfg)
 
-            try:
-                self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_name,
-                                        dir=cfg.out_dir,
-                                        config=OmegaConf.to_container(OmegaConf.structured(cfg)))
-            except wandb.errors.Error as err:  # e.g. no server (check_wandb found a login)
-                raise UserError(f"wandb could not start the run ({str(err).splitlines()[0]}): "
-                                "check the network and the login, or log offline with "
-                                "WANDB_MODE=offline") from None
+    def add(self, metrics):
+        """A step's metrics (train_loss, energy_gap): tensors, added without a sync."""
+        for name, value in metrics.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value
+        self.n_sum += 1
 
-    def progress(self, step, train_loss, lr, tokens_per_s):
+    def progress(self, step, lr):
+        """The mean training loss since the last eval on the bar (a sync), checked for NaN."""
+        train_loss = self.procs.mean(self.sums["train_loss"]).item() / self.n_sum
+        check_finite(train_loss, "training loss", f"before step {step}", self.cfg.out_dir)
+        t, d = self.cfg.train, self.cfg.data
+        tokens = t.log_interval * d.batch_size * t.grad_accum_steps * d.block_size
+        tokens_per_s, self.t_log = tokens / (time.time() - self.t_log), time.time()
         self.bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
         self.bar.update(step - self.bar.n)
 
-    def eval(self, row):
+    def eval(self, step, val, val_s1, lr, elapsed):
+        """One row of metrics.jsonl (and wandb): the val losses and the training means since the
+        last eval, which start again from zero."""
+        means = {name: self.procs.mean(total).item() / self.n_sum
+                 for name, total in self.sums.items()}
+        row = {"step": step, "val_loss": val, "val_loss_s1": val_s1, **means, "lr": lr,
+               "time_s": round(elapsed, 2)}
+        self.sums, self.n_sum = {}, 0
         if self.master:
             self.metrics.write(json.dumps(row) + "\n")
             self.metrics.flush()
@@ -182,6 +176,18 @@ class Log:
             self.wandb.finish()
 
 
+def start_wandb(cfg: RunConfig):
+    """The wandb run (check_wandb found a login or an offline mode), or one line if it fails."""
+    import wandb
+
+    try:
+        return wandb.init(project=cfg.wandb_project, name=cfg.wandb_name, dir=cfg.out_dir,
+                          config=OmegaConf.to_container(OmegaConf.structured(cfg)))
+    except wandb.errors.Error as err:  # e.g. no server (check_wandb found a login)
+        raise UserError(f"wandb could not start the run ({str(err).splitlines()[0]}): check the "
+                        "network and the login, or log offline with WANDB_MODE=offline") from None
+
+
 class StopRequest:
     """SIGINT / SIGTERM set a flag; the loop saves a resumable checkpoint at the next step
     boundary."""
@@ -196,6 +202,13 @@ class StopRequest:
     def restore(self):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+
+
+def save_and_stop(ckpts, step, best_val, elapsed):
+    """Ctrl-C or SIGTERM: save a resumable ckpt.pt and stop with one line that says how to go on."""
+    ckpts.save("ckpt.pt", step, best_val, elapsed)
+    raise UserError(f"interrupted at step {step}; saved {ckpts.dir / 'ckpt.pt'}: continue with the "
+                    "same command plus train.resume=true")
 
 
 def check_finite(loss, what, when, out_dir):

@@ -66,7 +66,7 @@ def assert_no_leak(model, seq, positions, expected=None):
         model.train(training)
         torch.manual_seed(123)
         with torch.no_grad():
-            return ebm.losses(model, idx, targets, copy.deepcopy(state0))
+            return contrastive.losses(model, idx, targets, copy.deepcopy(state0))
 
     def changed(x, start):
         x2 = x.clone()

@@ -300,7 +300,7 @@ def test_pcd_step_under_deterministic_algorithms(kind, one_thread):
         previous = torch.are_deterministic_algorithms_enabled()
         torch.use_deterministic_algorithms(True)
         try:
-            terms = ebm.losses(model, x, y, state)
+            terms = contrastive.losses(model, x, y, state)
             ebm.total_loss(model.config, terms).backward()
         finally:
             torch.use_deterministic_algorithms(previous)
@@ -372,10 +372,9 @@ def test_mps_rng_state_round_trips_through_ckpt(corpus, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.mps, "get_rng_state", fake.get_state)
     monkeypatch.setattr(torch.mps, "set_rng_state", fake.set_state)
     cfg = compose_cfg("train", TINY + [f"data.data_path={corpus}", f"out_dir={tmp_path}"])
-    device, data, model, optimizer, state = engine.setup(cfg, "cpu")
+    run = engine.setup(cfg, "cpu")
     procs = util.Processes("cpu")
-    ckpts = checkpoints.Checkpoints(cfg, procs, model, optimizer, state, None, torch.Generator(),
-                                    data.vocab)
+    ckpts = checkpoints.Checkpoints(cfg, procs, run)
     ckpts.device_rng = "mps"  # as __init__ sets it for a model on MPS
     ckpts.save("ckpt.pt", 1, 9.0, 0.5)
     after_save = torch.rand(4, generator=fake)
@@ -419,14 +418,18 @@ def test_flop_count_sees_the_double_backward(one_thread, tmp_path):
     through it: with 2 think steps through every block, over 3 times the FLOPs of the same model's
     step without them."""
     from helpers import TINY_MODEL, compose_cfg, write_corpus
-    from engine import setup, train_step
+    from engine import Objective, setup, train_step
 
     corpus = write_corpus(tmp_path / "corpus.txt", n_chars=2000)
     cfg = compose_cfg("train", TINY_MODEL + ["preset=ebt", "data.block_size=8", "data.batch_size=2",
                                              f"data.data_path={corpus}"])
-    _, data, model, optimizer, state = setup(cfg)
-    x, y = data.batch("train", 2, torch.Generator().manual_seed(0), "cpu")
-    flops = {k: bench.counted_flops(lambda: train_step(model, optimizer, x, y, state, cfg,
-                                                       think_steps=k))
-             for k in (0, 2)}
+    run = setup(cfg)
+    x, y = run.data.batch("train", 2, torch.Generator().manual_seed(0), "cpu")
+    objective = Objective(run.model, run.state)
+
+    def step_with(k):
+        cfg.model.think_steps = k  # the model's config
+        return train_step(objective, run.optimizer, x, y, cfg)
+
+    flops = {k: bench.counted_flops(lambda: step_with(k)) for k in (0, 2)}
     assert flops[2] > 3 * flops[0] > 0

@@ -174,7 +174,7 @@ def test_thinking_at_tau_equal_temperature_is_a_no_op(temperature):
 
 def run_losses(model, idx, targets, state, seed=123):
     torch.manual_seed(seed)
-    terms = ebm.losses(model, idx, targets, state)
+    terms = contrastive.losses(model, idx, targets, state)
     e = model.energies(model(idx))
     return terms, e
 
@@ -348,7 +348,7 @@ def test_positive_phase_has_gradient_and_scores_the_next_token():
     model = train_model(use_contrastive=True, contrastive_type="cd", contrastive_k=2,
                         langevin_noise_scale=0.0)
     idx, targets = seq_batch(seed=2)
-    terms = ebm.losses(model, idx, targets)
+    terms = contrastive.losses(model, idx, targets)
     cd = terms["cd"].mean()
     for name in ("energy_head.weight", "transformer.wte.weight",
                  "transformer.h.0.attn.c_attn.weight",
@@ -457,7 +457,7 @@ def test_pcd_chains_persist_with_their_windows(monkeypatch):
     monkeypatch.setattr(contrastive, "sample_chains", lambda *a,
                         **k: runs.append(real(*a, **k)) or runs[-1])
     idx1, tgt1 = seq_batch(B=4, seed=5)
-    ebm.losses(model, idx1, tgt1, state)
+    contrastive.losses(model, idx1, tgt1, state)
     assert state.replay_count == 4 and torch.equal(state.replay_x,
                                                    idx1) and torch.equal(state.replay_y, tgt1)
     assert torch.equal(state.replay_chain, runs[-1][-1])  # every window's chains, as they ended
@@ -465,7 +465,7 @@ def test_pcd_chains_persist_with_their_windows(monkeypatch):
     windows, nexts = state.replay_x.clone(), state.replay_y.clone()
     model.config.contrastive_k = 0
     torch.manual_seed(1)
-    terms = ebm.losses(model, *seq_batch(B=4, seed=6), state)  # 2 rows replayed (replay_frac 0.5)
+    terms = contrastive.losses(model, *seq_batch(B=4, seed=6), state)  # 2 rows replayed (replay_frac 0.5)
     start = runs[-1][0]
     slots = [int(((start[i] - stored).abs().amax((-1, -2)) == 0).nonzero()[0]) for i in range(2)]
     assert len(set(slots)) == 2  # two distinct stored windows, each with all its positions' chains
@@ -525,7 +525,7 @@ def test_fast_pcd_fast_weights_update_and_decay(reg):
     assert state.fast_weight.abs().max() == 0
     idx, targets = seq_batch(seed=7)
     torch.manual_seed(0)
-    terms = ebm.losses(model, idx, targets, state)
+    terms = contrastive.losses(model, idx, targets, state)
     fw1 = state.fast_weight.clone()
     assert fw1.abs().max() > 1e-4
     # the fast weights descend the same loss as W_E (q held fixed), with their own step size
@@ -537,7 +537,7 @@ def test_fast_pcd_fast_weights_update_and_decay(reg):
     # zero step: the fast weights only decay
     model.config.fast_weight_lr = 0.0
     torch.manual_seed(1)
-    ebm.losses(model, idx, targets, state)
+    contrastive.losses(model, idx, targets, state)
     assert torch.allclose(state.fast_weight, 0.9 * fw1, rtol=1e-12, atol=0)
 
 
@@ -577,9 +577,9 @@ def test_contrastive_term_only_in_training_mode():
     only."""
     model = pcd_model("cd")
     idx, targets = seq_batch(seed=9)
-    assert set(ebm.losses(model, idx, targets)) == {"ce", "ce_s1", "cd", "cd_gap"}
+    assert set(contrastive.losses(model, idx, targets)) == {"ce", "ce_s1", "cd", "cd_gap"}
     model.eval()
-    assert set(ebm.losses(model, idx, targets)) == {"ce", "ce_s1"}
+    assert set(contrastive.losses(model, idx, targets)) == {"ce", "ce_s1"}
 
 
 def test_losses_ce_terms_are_cross_entropies_of_z0_and_zK():

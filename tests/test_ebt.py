@@ -128,7 +128,7 @@ def test_no_leak_from_future_tokens_in_ebt_recipes(recipe):
 
 def s2_loss(model, idx, targets):
     torch.manual_seed(5)  # the same noise start, noise, step sizes and step count every call
-    return ebm.total_loss(model.config, ebm.losses(model, idx, targets,
+    return ebm.total_loss(model.config, contrastive.losses(model, idx, targets,
                                                    contrastive.ReplayState(model.config).to(D)))
 
 
@@ -189,7 +189,7 @@ def training_curve(model, steps):
     for i in range(steps):
         idx, targets = batch(B=4, seed=i)
         torch.manual_seed(i)  # noise starts, step sizes, step counts
-        loss = ebm.total_loss(model.config, ebm.losses(model, idx, targets, state))
+        loss = ebm.total_loss(model.config, contrastive.losses(model, idx, targets, state))
         optimizer.zero_grad()
         loss.backward()
         first = first or {n: p.grad.clone() for n,

@@ -59,7 +59,7 @@ def free_energy_of(energy, z, tau):
 
 def one_train_loss(model, idx, targets, state=None, seed=0):
     torch.manual_seed(seed)
-    terms = ebm.losses(model, idx, targets, state)
+    terms = contrastive.losses(model, idx, targets, state)
     return terms, ebm.total_loss(model.config, terms)
 
 
@@ -769,7 +769,7 @@ def test_replay_buffer_warm_starts_the_same_windows(monkeypatch):
                         **k: starts.append(z.detach().clone()) or real_think(z, *a, **k))
     monkeypatch.setattr(state, "replay_draw", lambda *a: draws.append(real_draw(*a)) or draws[-1])
     idx1, tgt1 = seq_batch(4, 16, seed=20)
-    ebm.losses(model, idx1, tgt1, state)  # empty buffer: nothing replayed, all 4 windows stored
+    contrastive.losses(model, idx1, tgt1, state)  # empty buffer: nothing replayed, all 4 windows stored
     assert draws[-1][2] is None
     assert state.replay_count == 4 and torch.equal(state.replay_x,
                                                    idx1) and torch.equal(state.replay_y, tgt1)
@@ -777,7 +777,7 @@ def test_replay_buffer_warm_starts_the_same_windows(monkeypatch):
     assert stored.abs().sum() > 0
 
     idx2, tgt2 = seq_batch(4, 16, seed=21)
-    ebm.losses(model, idx2, tgt2, state)  # half the batch (2 rows) is replayed
+    contrastive.losses(model, idx2, tgt2, state)  # half the batch (2 rows) is replayed
     idx_used, tgt_used, slots = draws[-1]
     assert slots.numel() == 2
     assert torch.equal(idx_used[:2], idx1[slots]) and torch.equal(tgt_used[:2], tgt1[slots])

@@ -43,7 +43,7 @@ def test_accumulation_equals_one_big_batch(one_thread):
         model = make_model(seed=0, energy="mixture", mixture_hidden=16).train()  # float64
         cfg = step_config(model, grad_accum_steps=accum)
         opt = model.configure_optimizers(0.1, 1e-2, (0.9, 0.99), "cpu")
-        ces = [train_mod.train_step(model, opt, x, y, None, cfg)["train_loss"] for x, y in batches]
+        ces = [train_mod.train_step(train_mod.Objective(model), opt, x, y, cfg)["train_loss"] for x, y in batches]
         results[accum] = (torch.stack(ces), {n: p.detach().clone() for n, p in model.named_parameters()})
     start = make_model(seed=0, energy="mixture", mixture_hidden=16).state_dict()
     ce1, p1 = results[1]

@@ -326,3 +326,23 @@ def test_sigkill_leaves_a_loadable_checkpoint(corpus, tmp_path):
         assert proc.returncode == -signal.SIGKILL, (delays, proc.returncode)
         ckpt = load_ckpt(tmp_path / str(i) / "run" / "ckpt.pt")  # whole, whatever the moment of the kill
         assert ckpt["step"] >= 1 and {"model", "optimizer", "rng"} <= ckpt.keys(), delays
+
+
+def test_val_path_validates_on_a_file_of_its_own(tmp_path, capsys):
+    """data.val_path: all of data_path trains, the val file validates, the vocabulary is both's;
+    without it the last 10% of data_path validates."""
+    from data import Dataset
+
+    text, val = "abcab" * 40, "cabxc" * 10  # 'x' only in the val text
+    split = Dataset(text, block_size=4)
+    assert split.vocab.decode(split.splits["val"].tolist()) == text[int(0.9 * len(text)):]
+    own = Dataset(text, block_size=4, val_text=val)
+    assert own.vocab.chars == ["a", "b", "c", "x"]
+    assert own.vocab.decode(own.splits["train"].tolist()) == text
+    assert own.vocab.decode(own.splits["val"].tolist()) == val
+    train_file, val_file = write_corpus(tmp_path / "train.txt"), tmp_path / "val.txt"
+    val_file.write_text("abcdeZ" * 200, encoding="utf-8")  # 'Z' never in the training file
+    out = tmp_path / "run"
+    run_train(TINY + [f"data.data_path={train_file}", f"data.val_path={val_file}", f"out_dir={out}"])
+    assert "Z" in load_ckpt(out / "final.pt")["vocab"]
+    assert all(math.isfinite(row["val_loss"]) for row in read_metrics(out))
