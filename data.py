@@ -58,7 +58,7 @@ def write_atomically(path, raw):
 
 
 # a data file's name -> write(path), what makes it when it is missing: tiny Shakespeare here; the
-# research extras add theirs (dyck.py: dyck.txt)
+# research extras add theirs (dyck.py: dyck.txt; corpora.py: the fresh-data corpora)
 WRITERS = {"shakespeare.txt": download_shakespeare}
 
 

@@ -24,7 +24,7 @@ import torch
 import data
 from ebm import make_energy, observe, self_verify, system2_logits
 from energies import onehot_energies
-from util import bootstrap_means
+from stats import bootstrap_means
 
 PAIRS = {"(": ")", "[": "]"}  # opener -> closer
 SEP = "="  # between the prefix and its completion

@@ -19,6 +19,7 @@ from hydra.core.config_store import ConfigStore
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import contrastive
+import corpora  # noqa: F401  (adds its corpora to data.WRITERS)
 import dyck  # noqa: F401  (adds dyck.txt to data.WRITERS)
 from contrastive import ReplayState, replay_windows
 from data import DataConfig, Dataset, load_text

@@ -196,12 +196,3 @@ class Processes:
             gc.collect()
             dist.destroy_process_group()
         self.flags = None  # no reference to a destroyed group lives on into the interpreter's exit
-
-
-def bootstrap_means(values, resamples=1000, seed=0):
-    """The means (resamples,) of `resamples` draws of len(values) values with replacement, in
-    float64; seeded, so the same data always gives the same figures (eval.py's standard errors,
-    dyck.py's intervals)."""
-    g = torch.Generator().manual_seed(seed)
-    v = torch.as_tensor(values, dtype=torch.float64)
-    return v[torch.randint(0, v.numel(), (resamples, v.numel()), generator=g)].mean(1)

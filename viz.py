@@ -1,14 +1,17 @@
 """
-Plots of what thinking does: `uv run --extra plots viz.py checkpoint=out_ebt/final.pt
-evals='[out_ebt/eval.json]'`. matplotlib is an optional extra (`--extra plots`), so the core install
-stays small. Writes PNGs to out_dir:
+Plots of what thinking does, and eval.json as the markdown report that eval.py prints:
+`uv run --extra plots viz.py checkpoint=out_ebt/final.pt evals='[out_ebt/eval.json]'`. matplotlib is
+an optional extra (`--extra plots`), so the core install stays small. Writes PNGs to out_dir:
 
   think_sweep.png     val loss against think steps, one line per eval.json (from `uv run eval.py`)
   think_descent.png   the free energy F(z_k) along the think steps at a few val positions
-  (checkpoint) candidates.png      the candidate distribution p before and after thinking at one val
-  position (checkpoint) chains.png          the contrastive chains' KL to the model after k steps
-  (eval.json files with a chains part) energy_gap.png      E_neg - E_pos over training, one line per
-  contrastive run (`metrics`: metrics.jsonl files)
+                      (checkpoint)
+  candidates.png      the candidate distribution p before and after thinking at one val position
+                      (checkpoint)
+  chains.png          the contrastive chains' KL to the model after k steps (eval.json files with a
+                      chains part)
+  energy_gap.png      E_neg - E_pos over training, one line per contrastive run (`metrics`:
+                      metrics.jsonl files)
   trend.png           val loss and the gap between two arms against training tokens (log axis),
                       one point per run (`trend`: eval.json files of runs at several budgets and
                       seeds); the table of it is printed
@@ -26,7 +29,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 
 from checkpoints import load_checkpoint, load_model
-from data import load_text, train_val_split
+from data import val_text
 from ebm import free_energy, make_energy, observe, system2_logits
 from util import UserError, check_overrides, pick_device, run
 
@@ -166,15 +169,12 @@ def trend_rows(points):
 
 def trend_markdown(base, other, rows):
     """trend_rows as a markdown table, one row per budget."""
-    out = [f"| tokens | steps | seeds | {base} | {other} | gap per seed | gap (mean ± se) |",
-           "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        out.append(f"| {r['tokens']:,} | {r['steps']} | {len(r['seeds'])} | "
-                   f"{', '.join(f'{x:.4f}' for x in r[base])} | "
-                   f"{', '.join(f'{x:.4f}' for x in r[other])} | "
-                   f"{', '.join(f'{g:+.4f}' for g in r['gaps'])} | "
-                   f"{r['gap']:+.4f} ± {r['gap_se']:.4f} |")
-    return "\n".join(out)
+    cells = [[f"{r['tokens']:,}", r["steps"], len(r["seeds"]),
+              ", ".join(f"{x:.4f}" for x in r[base]), ", ".join(f"{x:.4f}" for x in r[other]),
+              ", ".join(f"{g:+.4f}" for g in r["gaps"]), f"{r['gap']:+.4f} ± {r['gap_se']:.4f}"]
+             for r in rows]
+    head = ["tokens", "steps", "seeds", base, other, "gap per seed", "gap (mean ± se)"]
+    return "\n".join(table(None, head, cells))
 
 
 def plot_trend(plt, points, path):
@@ -226,13 +226,8 @@ def plot_descent(plt, free, x, y, picks, vocab, energy, path):
         context = vocab.decode(x[max(0, t - 8) : t + 1].tolist())
         label = f"t={t}: {context!r} -> {vocab.chars[int(y[t])]!r}"
         ax.plot(range(free.size(0)), free[:, t] - free[0, t], marker=".", label=label)
-    ax.set_xlabel("think step k")
-    ax.set_ylabel("F(z_k) - F(z_0)")
-    ax.set_title(f"free energy along the think loop ({energy} energy)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(plt, fig, ax, path, "think step k", "F(z_k) - F(z_0)",
+         f"free energy along the think loop ({energy} energy)")
 
 
 def plot_candidates(plt, z0, zk, k, x, y, t, vocab, top, path):
@@ -253,6 +248,162 @@ def plot_candidates(plt, z0, zk, k, x, y, t, vocab, top, path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------------
+# eval.json as markdown: one table per part (eval.py prints it; eval.json holds the figures)
+
+
+def eval_markdown(r):
+    """The report of an eval.json (or eval_product.json): what eval.py prints after scoring."""
+    return product_markdown(r) if "product" in r else checkpoint_markdown(r)
+
+
+def num(x, nd=4):
+    return f"{x:.{nd}f}"
+
+
+def loss_se(s):
+    """A summary's loss and its standard error."""
+    return f"{num(s['loss'])} ± {s['se']:.4f}"
+
+
+def delta(s):
+    """A summary's paired difference and its standard error."""
+    return f"{s['delta']:+.4f} ± {s['delta_se']:.4f}"
+
+
+def table(title, head, rows):
+    """Markdown lines of a table: a blank line and a heading when titled, the header cells, a
+    separator and one line per row of cells (an empty cell is one space)."""
+    lines = ["", f"## {title}"] if title else []
+    lines += ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for row in rows:
+        lines.append("|" + "|".join(f" {c} " if c != "" else " " for c in row) + "|")
+    return lines
+
+
+def product_markdown(r):
+    """The product of experts' report: one row per member, the product last."""
+    vs = r["product"][0]["vs"]
+    rows = [[row["member"], row["think_steps"], loss_se(row["s1"]), loss_se(row["s2"]),
+             delta(row["s2"]), f"{row['temperature']:.3f}", num(row["at_temperature"]["loss"]),
+             delta(row["at_temperature"])] for row in r["product"]]
+    head = ["member", "think_steps", "System 1", "thinking", f"vs {vs}", "best T",
+            "thinking at best T", f"vs {vs} at its best T"]
+    return "\n".join([
+        f"# eval of a product of experts: {', '.join(r['experts'])} at weights "
+        f"{r['expert_weights']}",
+        f"E(x, v) = sum_i w_i E_i(x, v); System 1 z_0 = -sum_i w_i e_i / T and thinking "
+        f"(K={r['think_steps']}) with the first expert's T and options; {r['tokens']} val tokens "
+        f"reported in windows of {r['block_size']} (the smallest block_size), {r['tune_tokens']} "
+        f"for tuning temperatures; device {r['device']}; losses in nats (uniform: "
+        f"{r['uniform_loss']:.4f}); ± is one bootstrap standard error ({r['bootstrap_resamples']} "
+        f"resamples of {r['report_windows']} windows); only the loss parts of eval.py are run for "
+        "a product", "", *table(None, head, rows)])
+
+
+def checkpoint_markdown(r):
+    """One checkpoint's report: a header saying what the figures are, then a section per part."""
+    return "\n".join([
+        f"# eval of {r['checkpoint']}",
+        f"energy {r['energy']}, trained with think_steps {r['model_think_steps']}; {r['tokens']} "
+        f"val tokens reported, {r['tune_tokens']} for tuning temperatures; device {r['device']}; "
+        f"losses in nats (uniform: {r['uniform_loss']:.4f}); ± is one standard error of the loss "
+        f"or of the paired difference, from {r['bootstrap_resamples']} bootstrap resamples of "
+        f"whole windows of block_size characters ({r['report_windows']} report windows), since "
+        "neighbouring characters are correlated",
+        *sweep_markdown(r), *verification_markdown(r), *uncertainty_markdown(r),
+        *ood_markdown(r), *chains_markdown(r)])
+
+
+def sweep_markdown(r):
+    """The think sweep, and the temperature-matched control."""
+    vs = r["think_sweep"][0]["at_temperature"]["vs_think_steps"]
+    sweep = [[row["think_steps"], loss_se(row), num(row["bits_per_char"]), delta(row),
+              f"{row['us_per_token']:.1f}", f"{row['temperature']:.3f}",
+              num(row["at_temperature"]["loss"]), delta(row["at_temperature"]),
+              num(row["loss_all_windows"])] for row in r["think_sweep"]]
+    t = r["temperature_control"]
+    control = [["System 1", 1, num(t["s1"]["loss"]), ""],
+               ["System 1", f"{t['s1_temperature']:.3f}", num(t["s1_at_temperature"]["loss"]),
+                delta(t["s1_at_temperature"])],
+               ["thinking", 1, num(t["s2"]["loss"]), delta(t["s2"])],
+               ["thinking", f"{t['s2_temperature']:.3f}", num(t["s2_at_temperature"]["loss"]),
+                f"{delta(t['s2_at_temperature'])} vs System 1 at its temperature"]]
+    return (table("think sweep (each K also at its own best temperature, chosen on the tune slice)",
+                  ["think_steps", "val loss", "bits/char", "vs K=0", "µs/token", "best T",
+                   "val loss at best T", f"vs K={vs} at its best T", "all windows"], sweep)
+            + table(f"temperature-matched control (K={t['think_steps']}; temperatures chosen on "
+                    "the tune slice)", ["prediction", "temperature", "val loss", "vs raw System 1"],
+                    control))
+
+
+def verification_markdown(r):
+    """Self-verification (ranked by the model's verify_by and by the other ranking, which each row
+    holds under by_<other>) and the exact verifier."""
+    own = r["self_verification"][0]["verify_by"]
+    other = next(key[3:] for key in r["self_verification"][0] if key.startswith("by_"))
+    rows = [[row["samples"], num(row["loss"]), delta(row), f"{row['random_start_chosen']:.4f}",
+             num(row[f"by_{other}"]["loss"]), delta(row[f"by_{other}"]),
+             f"{row['us_per_token']:.1f}"] for row in r["self_verification"]]
+    x = r["exact_verifier"]
+    exact = [num(x["loss"]), delta(x), f"{x['accuracy']:.4f}", f"{x['think_accuracy']:.4f}",
+             f"{x['argmax_is_argmin']:.4f}"]
+    head = ["samples M", "val loss", "vs M=1", "random start chosen", f"by {other}: val loss",
+            "vs M=1", "µs/token"]
+    exact_head = ["val loss", "vs thinking", "accuracy", "thinking's accuracy",
+                  "thinking's argmax = argmin E"]
+    return (table(f"self-verification (K={r['think_steps']}; kept: lowest {own}, or lowest "
+                  f"{other})", head, rows)
+            + table("exact verifier (softmax(-E(x, v) / T) over every token v, T = "
+                    f"{x['temperature']:.3f})", exact_head, [exact]))
+
+
+def uncertainty_markdown(r):
+    """Energy as uncertainty, and adaptive compute."""
+    u = r["uncertainty"]
+    labels = {"energy": "E(p_K)", "energy_gap": "E(p_K) - min_v E(x, v)", "free_energy": "F(z_K)",
+              "max_prob": "1 - max p (baseline)"}
+    scores = [[label, num(u[name]["pearson"], 3), num(u[name]["spearman"], 3),
+               num(u[name]["auroc"], 3)] for name, label in labels.items()]
+    adaptive = [[f"{row['epsilon']:g}", f"{row['mean_steps']:.2f} / {row['max_steps']}",
+                 num(row["loss"]), delta(row), row["fixed_steps"], num(row["fixed"]["loss"])]
+                for row in r["adaptive"]]
+    return (table(f"energy as uncertainty (K={u['think_steps']}; argmax wrong on "
+                  f"{u['error_rate']:.1%} of tokens)",
+                  ["score", "Pearson with loss", "Spearman with loss", "AUROC for argmax wrong"],
+                  scores)
+            + table("adaptive compute (stop when the free energy changes by less than epsilon)",
+                    ["epsilon", "mean steps", "val loss", "vs K=0", "fixed K", "its val loss"],
+                    adaptive))
+
+
+def ood_markdown(r):
+    """The think sweep on val, the out-of-distribution text and the corrupted val, side by side."""
+    o = r["ood"]
+    names = ["val", "ood_text", "corrupted_val"]
+    rows = []
+    for same_k in zip(*[o[n]["sweep"] for n in names]):  # one K's row of each text
+        rows.append([same_k[0]["think_steps"], *[f"{num(t['loss'])} ({delta(t)})" for t in same_k]])
+    rows.append(["tokens", *[o[n]["tokens"] for n in names]])
+    rows.append(["gain of the best K",
+                 *[f"{o[n]['gain']:+.4f} (K={o[n]['best_think_steps']})" for n in names]])
+    return table(f"out of distribution (ood_text {o['ood_path']}; corrupted val: "
+                 f"{o['corrupt']:.0%} substituted)", ["think_steps", *names], rows)
+
+
+def chains_markdown(r):
+    """KL of the contrastive chains to the model, by step and kind (none without a chains part)."""
+    if "chains" not in r:
+        return []
+    c = r["chains"]
+    kinds = [k for k in ("cd", "pcd", "fast_pcd") if k in c["rows"][0]]
+    rows = [[row["steps"], *[f"{row[k]['kl']:.4f} ± {row[k]['se']:.4f}" for k in kinds]]
+            for row in c["rows"]]
+    return table(f"contrastive chains: KL(chains after k steps || softmax(-E / T)) (step "
+                 f"{c['step_size']:g}, tau {c['temperature']:g}, noise {c['noise']:g}; cd from the "
+                 "data, pcd from noise)", ["k", *kinds], rows)
 
 
 def visualise(cfg: VizConfig):
@@ -289,8 +440,9 @@ def visualise(cfg: VizConfig):
         written.append(out / "energy_gap.png")
     if cfg.checkpoint:
         model, vocab, run_cfg = load_model(cfg.checkpoint, pick_device(cfg.device, key="device"))
-        _, val = train_val_split(torch.tensor(vocab.encode(load_text(run_cfg["data"]["data_path"])),
-                                              dtype=torch.long))
+        d = run_cfg["data"]  # checkpoints from before data.val_path have no such key
+        val = torch.tensor(vocab.encode(val_text(d["data_path"], d.get("val_path"))),
+                           dtype=torch.long)
         T = model.config.block_size
         gen = torch.Generator().manual_seed(cfg.seed)
         start = int(torch.randint(len(val) - T - 1, (), generator=gen))

@@ -1,6 +1,7 @@
 """eval.py: its metrics on cases with known answers, and the report end to end on tiny
 checkpoints."""
 
+import hashlib
 import json
 import math
 
@@ -8,12 +9,15 @@ import pytest
 import torch
 
 from conftest import make_model
-from helpers import TINY, compose_cfg, run_train, write_corpus
+from helpers import REPO, TINY, compose_cfg, run_train, write_corpus
 
 import ebm
 # registers the eval_schema config node; the module, not the builtin
 import eval as eval_mod  # noqa: E402
+import stats
+import viz
 from checkpoints import load_model
+from data import resolve_path
 from util import UserError
 
 PARTS = {"think_sweep", "temperature_control", "self_verification", "exact_verifier", "uncertainty",
@@ -33,6 +37,9 @@ TRAIN = TINY + ["train.max_steps=30", "train.learning_rate=1e-2", "train.warmup_
 # 20k characters: val is the last 2000, i.e. 124 windows of 16; every 5th (25) tunes, 99 are
 # reported
 REPORT_TOKENS, TUNE_TOKENS = 99 * 16, 25 * 16
+# sha256 of assets/ood.txt, the default ood_text: README.md as of commit 54194fb, the text the
+# published EBT OOD figures (docs/results.md) were scored on
+OOD_SHA256 = "7528e283f62b87175a63abb1cf2ebe2e4998c0b92046dcf80c623992f7cefa24"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -97,9 +104,9 @@ def test_auroc_extremes(one_thread):
     tied."""
     pos = torch.tensor([0, 0, 0, 1, 1, 0, 1], dtype=torch.bool)
     score = pos.double() * 5 + torch.arange(7) * 0.1  # every positive above every negative
-    assert eval_mod.auroc(score, pos) == pytest.approx(1.0, abs=1e-12)
-    assert eval_mod.auroc(-score, pos) == pytest.approx(0.0, abs=1e-12)
-    assert eval_mod.auroc(torch.full((7,), 3.0), pos) == pytest.approx(0.5, abs=1e-12)
+    assert stats.auroc(score, pos) == pytest.approx(1.0, abs=1e-12)
+    assert stats.auroc(-score, pos) == pytest.approx(0.0, abs=1e-12)
+    assert stats.auroc(torch.full((7,), 3.0), pos) == pytest.approx(0.5, abs=1e-12)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -114,9 +121,9 @@ def test_auroc_matches_pairwise_count(seed, one_thread):
                                                              == n[None, :]).double().sum()
     expected = (wins / (p.numel() * n.numel())).item()
     assert 0.05 < expected < 0.95  # a non-trivial case
-    assert eval_mod.auroc(score, pos) == pytest.approx(expected, abs=1e-12)
+    assert stats.auroc(score, pos) == pytest.approx(expected, abs=1e-12)
     # 0/1 labels work too
-    assert eval_mod.auroc(score, pos.long()) == pytest.approx(expected, abs=1e-12)
+    assert stats.auroc(score, pos.long()) == pytest.approx(expected, abs=1e-12)
 
 
 @pytest.mark.parametrize("d", [0.5, 1.0, 2.0])
@@ -126,32 +133,32 @@ def test_auroc_of_two_gaussians(d):
     n = 20_000
     score = torch.cat([torch.randn(n, generator=g), torch.randn(n, generator=g) + d])
     pos = torch.cat([torch.zeros(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool)])
-    assert eval_mod.auroc(score, pos) == pytest.approx(phi(d / math.sqrt(2)), abs=0.01)
+    assert stats.auroc(score, pos) == pytest.approx(phi(d / math.sqrt(2)), abs=0.01)
 
 
 def test_auroc_is_nan_without_both_classes(one_thread):
     """With no positives (or no negatives) auroc is undefined: nan."""
     score = torch.tensor([0.1, 0.5, 0.3])
-    assert math.isnan(eval_mod.auroc(score, torch.zeros(3, dtype=torch.bool)))
-    assert math.isnan(eval_mod.auroc(score, torch.ones(3, dtype=torch.bool)))
+    assert math.isnan(stats.auroc(score, torch.zeros(3, dtype=torch.bool)))
+    assert math.isnan(stats.auroc(score, torch.ones(3, dtype=torch.bool)))
 
 
 def test_ranks_ties_share_mean_rank(one_thread):
     """ranks are 1..N with tied values sharing their mean rank."""
-    assert eval_mod.ranks(torch.tensor([3, 1, 3, 2])).tolist() == [3.5, 1.0, 3.5, 2.0]
-    assert eval_mod.ranks(torch.tensor([5.0, 5.0, 5.0])).tolist() == [2.0, 2.0, 2.0]
-    assert eval_mod.ranks(torch.tensor([0.3, -1.0, 7.0, 2.0])).tolist() == [2.0, 1.0, 4.0, 3.0]
+    assert stats.ranks(torch.tensor([3, 1, 3, 2])).tolist() == [3.5, 1.0, 3.5, 2.0]
+    assert stats.ranks(torch.tensor([5.0, 5.0, 5.0])).tolist() == [2.0, 2.0, 2.0]
+    assert stats.ranks(torch.tensor([0.3, -1.0, 7.0, 2.0])).tolist() == [2.0, 1.0, 4.0, 3.0]
 
 
 def test_correlations_known_answers(one_thread):
     """spearman(x, exp x) = 1 (monotone, not linear); pearson(x, 2x + 1) = 1, pearson(x, -x) =
     -1."""
     x = torch.linspace(-3, 3, 50, dtype=torch.float64)
-    assert eval_mod.spearman(x, x.exp()) == pytest.approx(1.0, abs=1e-12)
-    assert eval_mod.pearson(x, x.exp()) < 0.95  # so the spearman check above is not a linear one
-    assert eval_mod.spearman(x, -x.exp()) == pytest.approx(-1.0, abs=1e-12)
-    assert eval_mod.pearson(x, 2 * x + 1) == pytest.approx(1.0, abs=1e-12)
-    assert eval_mod.pearson(x, -x) == pytest.approx(-1.0, abs=1e-12)
+    assert stats.spearman(x, x.exp()) == pytest.approx(1.0, abs=1e-12)
+    assert stats.pearson(x, x.exp()) < 0.95  # so the spearman check above is not a linear one
+    assert stats.spearman(x, -x.exp()) == pytest.approx(-1.0, abs=1e-12)
+    assert stats.pearson(x, 2 * x + 1) == pytest.approx(1.0, abs=1e-12)
+    assert stats.pearson(x, -x) == pytest.approx(-1.0, abs=1e-12)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -171,15 +178,15 @@ def calibrated(n=100_000, v=10, seed=0):
 def test_best_temperature_recovers_scale(c):
     """For z = c * z_true with targets drawn from softmax(z_true), the best temperature is c."""
     z, y = calibrated()
-    assert eval_mod.best_temperature(c * z, y) == pytest.approx(c, rel=0.05)
+    assert stats.best_temperature(c * z, y) == pytest.approx(c, rel=0.05)
 
 
 def test_best_temperature_scaling_law(one_thread):
     """best_temperature(a * z, y) = a * best_temperature(z, y)."""
     z, y = calibrated(n=5_000, seed=1)
-    t = eval_mod.best_temperature(z, y)
+    t = stats.best_temperature(z, y)
     for a in (3.0, 0.25):
-        assert eval_mod.best_temperature(a * z, y) == pytest.approx(a * t, rel=1e-3)
+        assert stats.best_temperature(a * z, y) == pytest.approx(a * t, rel=1e-3)
 
 
 def test_best_temperature_precise_on_float32_logits(one_thread):
@@ -188,8 +195,8 @@ def test_best_temperature_precise_on_float32_logits(one_thread):
     dtype."""
     z, y = calibrated(n=5_000, seed=3)
     z32 = (0.4 * z).float()
-    best64 = eval_mod.best_temperature(z32.double(), y)
-    assert eval_mod.best_temperature(z32, y) == pytest.approx(best64, rel=1e-6)
+    best64 = stats.best_temperature(z32.double(), y)
+    assert stats.best_temperature(z32, y) == pytest.approx(best64, rel=1e-6)
 
 
 def test_best_temperature_is_a_minimum(one_thread):
@@ -198,9 +205,9 @@ def test_best_temperature_is_a_minimum(one_thread):
     z = 2 * z  # over-confident: the best T is near 2, clearly away from 1
 
     def loss(t):
-        return eval_mod.ce(z / t, y).mean().item()
+        return stats.ce(z / t, y).mean().item()
 
-    t = eval_mod.best_temperature(z, y)
+    t = stats.best_temperature(z, y)
     assert loss(t) < loss(1.0) - 1e-3
     assert loss(t) <= loss(t * 1.1)
     assert loss(t) <= loss(t / 1.1)
@@ -290,14 +297,14 @@ def test_summary_by_hand(one_thread):
     noise)."""
     losses = torch.tensor([1.0, 2.0, 4.0, 7.0], dtype=torch.float64)
     base = torch.tensor([1.0, 1.0, 2.0, 2.0], dtype=torch.float64)  # differences 0, 1, 2, 5
-    s = eval_mod.summary(losses)
+    s = stats.summary(losses)
     assert set(s) == {"loss", "bits_per_char", "se"}
     assert s["loss"] == pytest.approx(3.5)
     assert s["bits_per_char"] == pytest.approx(3.5 / math.log(2))
-    assert s["se"] == pytest.approx(eval_mod.bootstrap_se(losses), rel=1e-12)
+    assert s["se"] == pytest.approx(stats.bootstrap_se(losses), rel=1e-12)
     # bootstrap: the variance divides by n
     assert s["se"] == pytest.approx(math.sqrt(21 / 4) / 2, rel=0.1)
-    p = eval_mod.summary(losses, base)
+    p = stats.summary(losses, base)
     assert p["delta"] == pytest.approx(2.0)
     # not the unpaired sqrt(se_a^2 + se_b^2)
     assert p["delta_se"] == pytest.approx(math.sqrt(14 / 4) / 2, rel=0.1)
@@ -313,7 +320,7 @@ def test_bootstrap_se_of_iid_windows_is_analytic(one_thread):
     sqrt(N)."""
     losses = torch.randn(400, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     analytic = losses.std() / math.sqrt(losses.numel())
-    assert eval_mod.summary(losses)["se"] == pytest.approx(analytic.item(), rel=0.1)
+    assert stats.summary(losses)["se"] == pytest.approx(analytic.item(), rel=0.1)
 
 
 def test_bootstrap_se_of_correlated_windows_is_sqrt_t_times_naive(one_thread):
@@ -324,8 +331,8 @@ def test_bootstrap_se_of_correlated_windows_is_sqrt_t_times_naive(one_thread):
                              generator=torch.Generator().manual_seed(1))
     losses = per_window.expand(300, T)
     naive = losses.std() / math.sqrt(losses.numel())
-    assert eval_mod.summary(losses)["se"] == pytest.approx(math.sqrt(T) * naive.item(), rel=0.1)
-    assert eval_mod.summary(losses)["se"] == pytest.approx((per_window.std()
+    assert stats.summary(losses)["se"] == pytest.approx(math.sqrt(T) * naive.item(), rel=0.1)
+    assert stats.summary(losses)["se"] == pytest.approx((per_window.std()
                                                             / math.sqrt(300)).item(), rel=0.1)
 
 
@@ -337,7 +344,7 @@ def test_bootstrap_delta_se_is_paired(one_thread):
     shared = 3 * torch.randn(500, 1, dtype=torch.float64, generator=g)
     base = shared + 0.1 * torch.randn(500, 8, dtype=torch.float64, generator=g)
     losses = shared + 0.1 * torch.randn(500, 8, dtype=torch.float64, generator=g)
-    s = eval_mod.summary(losses, base)
+    s = stats.summary(losses, base)
     expected = ((losses - base).mean(1).std() / math.sqrt(500)).item()  # i.i.d. windows: analytic
     assert s["delta_se"] == pytest.approx(expected, rel=0.15)
     assert s["delta_se"] < s["se"] / 10
@@ -347,13 +354,13 @@ def test_bootstrap_is_deterministic(one_thread):
     """The same data gives the same se every time (a seeded generator); another seed gives another
     draw."""
     losses = torch.rand(200, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    a, b = eval_mod.summary(losses, losses.flip(0)), eval_mod.summary(losses, losses.flip(0))
+    a, b = stats.summary(losses, losses.flip(0)), stats.summary(losses, losses.flip(0))
     assert a == b
     means = losses.mean(1)
-    assert eval_mod.bootstrap_se(means, seed=0) == eval_mod.bootstrap_se(means, seed=0)
-    assert eval_mod.bootstrap_se(means, seed=0) != eval_mod.bootstrap_se(means, seed=1)
-    se0 = eval_mod.bootstrap_se(means, seed=0)
-    assert eval_mod.bootstrap_se(means, seed=1) == pytest.approx(se0, rel=0.15)
+    assert stats.bootstrap_se(means, seed=0) == stats.bootstrap_se(means, seed=0)
+    assert stats.bootstrap_se(means, seed=0) != stats.bootstrap_se(means, seed=1)
+    se0 = stats.bootstrap_se(means, seed=0)
+    assert stats.bootstrap_se(means, seed=1) == pytest.approx(se0, rel=0.15)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -591,12 +598,12 @@ def test_markdown_says_what_plus_minus_is(trained_result):
     se."""
     r = trained_result
     assert (r["report_windows"] == REPORT_TOKENS // 16
-            and r["bootstrap_resamples"] == eval_mod.BOOTSTRAP)
-    head = eval_mod.markdown(r).split("## think sweep")[0]
-    assert ("bootstrap" in head and f"{eval_mod.BOOTSTRAP} " in head
+            and r["bootstrap_resamples"] == stats.BOOTSTRAP)
+    head = viz.eval_markdown(r).split("## think sweep")[0]
+    assert ("bootstrap" in head and f"{stats.BOOTSTRAP} " in head
             and f"{r['report_windows']} report windows" in head)
     row = r["think_sweep"][0]
-    assert f"{row['loss']:.4f} ± {row['se']:.4f}" in eval_mod.markdown(r)
+    assert f"{row['loss']:.4f} ± {row['se']:.4f}" in viz.eval_markdown(r)
 
 
 def test_two_runs_give_identical_figures(trained, trained_result):
@@ -647,6 +654,27 @@ def test_missing_ood_text_names_it(trained, tmp_path):
     assert not (run / "eval.json").exists()
 
 
+def test_default_ood_text_is_the_pinned_file(tmp_path, monkeypatch):
+    """The default ood_text is assets/ood.txt, found from any working directory, and its content is
+    pinned: editing it (or pointing the default at a file that moves, like README.md) would move
+    every published OOD figure."""
+    monkeypatch.chdir(tmp_path)  # not the repo root: the default still resolves there
+    default = compose_cfg("eval", []).ood_text
+    assert default == "assets/ood.txt"
+    path = resolve_path(default)
+    assert path.resolve() == (REPO / "assets" / "ood.txt").resolve()
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == OOD_SHA256
+
+
+def test_eval_json_records_the_ood_sha256(trained, trained_result):
+    """eval.json's ood part names the text it scored and records its sha256 (of the file's bytes,
+    as sha256sum prints it), so a figure can be traced to its exact text."""
+    _, ood = trained
+    o = trained_result["ood"]
+    assert o["ood_path"] == str(ood)
+    assert o["ood_sha256"] == hashlib.sha256(ood.read_bytes()).hexdigest()
+
+
 def test_evaluate_leaves_grad_mode_alone(trained):
     """evaluate_checkpoint leaves torch's global grad mode as it found it (a caller may train
     afterwards)."""
@@ -692,3 +720,28 @@ def test_loss_all_windows_scores_every_window(trained, trained_result):
         with torch.no_grad():
             ce = ebm.losses(model, x, y, think_steps=row["think_steps"])["ce"]
         assert abs(row["loss_all_windows"] - ce.mean().item()) < 1e-5
+
+
+def test_a_run_with_its_own_val_text_is_scored_on_it(tmp_path):
+    """A run trained with data.val_path is scored on that file, not on the last 10% of data_path:
+    its windows are the val file's, and the tokens reported and tuned are all of the val file's
+    whole windows of block_size (187 windows of 16 in 3000 characters, where the last 10% of
+    data_path would give 124)."""
+    corpus = write_corpus(tmp_path / "corpus.txt", n_chars=20_000, alphabet=ALPHABET)
+    val = write_corpus(tmp_path / "val.txt", n_chars=3000, alphabet=ALPHABET, seed=1)
+    run_train(TINY + [f"data.data_path={corpus}", f"data.val_path={val}",
+                      f"out_dir={tmp_path / 'out'}"])
+    ckpt = tmp_path / "out" / "final.pt"
+    model, vocab, cfg = load_model(ckpt, "cpu")
+    assert cfg["data"]["val_path"] == str(val)
+    x, y, _ = eval_mod.val_windows(cfg, vocab, 16, 0)
+    ids = torch.tensor(vocab.encode(val.read_text(encoding="utf-8")))
+    assert x.shape == (187, 16) and torch.equal(x.flatten(), ids[: 187 * 16])
+    assert torch.equal(y.flatten(), ids[1 : 187 * 16 + 1])
+    ood = tmp_path / "ood.txt"
+    ood.write_text(OOD_TEXT, encoding="utf-8")
+    r = eval_mod.evaluate_checkpoint(compose_cfg("eval", [
+        f"checkpoint={ckpt}", f"ood_text={ood}", "sweep=[0,1]", "samples=[1]", "epsilons=[]",
+        "chain_steps=[]", "device=cpu"]))
+    assert r["tokens"] + r["tune_tokens"] == (3000 - 1) // 16 * 16 != (2000 - 1) // 16 * 16
+    assert r["tune_tokens"] == 38 * 16 and r["report_windows"] == 187 - 38

