@@ -29,7 +29,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 
 from checkpoints import load_checkpoint, load_model
-from data import val_text
+from data import load_text, val_text
 from ebm import free_energy, make_energy, observe, system2_logits
 from util import UserError, check_overrides, pick_device, run
 
@@ -140,11 +140,32 @@ def trend_points(evals):
         tokens = (ckpt["step"] * d["batch_size"] * d["block_size"] * t["grad_accum_steps"]
                   * ckpt.get("processes", 1))  # checkpoints before "processes": one process
         points.append({"arm": arm_name(m), "tokens": tokens, "steps": ckpt["step"], "seed": t["seed"],
-                       "loss": row["loss"], "se": row["se"]})
+                       "loss": row["loss"], "se": row["se"], "epochs": tokens / train_chars(d)})
     if len({p["arm"] for p in points}) != 2:
         raise UserError(f"trend needs eval.json files of exactly two arms, got "
                         f"{sorted({p['arm'] for p in points})}")
     return points
+
+
+def train_chars(data_cfg):
+    """The characters of a run's training split: all of data_path with a val_path of its own, else
+    its first 90% (checkpoints from before val_path have no such key)."""
+    n = len(load_text(data_cfg["data_path"]))
+    return n if data_cfg.get("val_path") else int(0.9 * n)
+
+
+def gap_slope(rows):
+    """The gap's least-squares slope against log10 tokens over every seed's gap, in nats per decade
+    of tokens, and its standard error (from the residuals; n - 2 degrees of freedom)."""
+    xs = [math.log10(r["tokens"]) for r in rows for _ in r["gaps"]]
+    ys = [g for r in rows for g in r["gaps"]]
+    n, mx, my = len(xs), sum(xs) / len(xs), sum(ys) / len(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    if n < 3 or sxx == 0:
+        return float("nan"), float("nan")
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    resid = sum((y - my - slope * (x - mx)) ** 2 for x, y in zip(xs, ys))
+    return slope, math.sqrt(resid / (n - 2) / sxx)
 
 
 def trend_rows(points):
@@ -162,6 +183,7 @@ def trend_rows(points):
         gaps = [b[s]["loss"] - a[s]["loss"] for s in seeds]
         se = math.sqrt(sum(a[s]["se"] ** 2 + b[s]["se"] ** 2 for s in seeds)) / len(seeds)
         rows.append({"tokens": tokens, "steps": a[seeds[0]]["steps"], "seeds": seeds,
+                     "epochs": a[seeds[0]]["epochs"],
                      base: [a[s]["loss"] for s in seeds], other: [b[s]["loss"] for s in seeds],
                      "gaps": gaps, "gap": sum(gaps) / len(gaps), "gap_se": se})
     return base, other, rows
@@ -169,12 +191,15 @@ def trend_rows(points):
 
 def trend_markdown(base, other, rows):
     """trend_rows as a markdown table, one row per budget."""
-    cells = [[f"{r['tokens']:,}", r["steps"], len(r["seeds"]),
+    cells = [[f"{r['tokens']:,}", f"{r['epochs']:.2f}", r["steps"], len(r["seeds"]),
               ", ".join(f"{x:.4f}" for x in r[base]), ", ".join(f"{x:.4f}" for x in r[other]),
               ", ".join(f"{g:+.4f}" for g in r["gaps"]), f"{r['gap']:+.4f} ± {r['gap_se']:.4f}"]
              for r in rows]
-    head = ["tokens", "steps", "seeds", base, other, "gap per seed", "gap (mean ± se)"]
-    return "\n".join(table(None, head, cells))
+    head = ["tokens", "epochs", "steps", "seeds", base, other, "gap per seed", "gap (mean ± se)"]
+    slope, se = gap_slope(rows)
+    return "\n".join(table(None, head, cells) + [
+        "", f"gap slope: {slope:+.4f} ± {se:.4f} nats per decade of tokens (least squares over "
+            "every seed's gap against log10 tokens, ± one standard error)"])
 
 
 def plot_trend(plt, points, path):
@@ -195,10 +220,11 @@ def plot_trend(plt, points, path):
                    yerr=[r["gap_se"] for r in rows], marker="o", capsize=3,
                    label=f"{other} minus {base}")
     right.axhline(0.0, color="gray", lw=0.5)
-    budgets = sorted({p["tokens"] for p in points})
-    for ax in (left, right):  # a tick at every budget, in millions
+    epochs = {p["tokens"]: p["epochs"] for p in points}
+    for ax in (left, right):  # a tick at every budget, in millions, with its epochs
         ax.set_xscale("log")
-        ax.set_xticks(budgets, [f"{x / 1e6:.3g}M" for x in budgets])
+        ax.set_xticks(sorted(epochs), [f"{x / 1e6:.3g}M\n{epochs[x]:.2g} ep" for x in sorted(epochs)],
+                      fontsize=7)
         ax.minorticks_off()
     left.set_xlabel("training tokens")
     left.set_ylabel("val loss (nats per character)")

@@ -14,9 +14,12 @@ def fake_run(tmp_path, name, think_steps, steps, seed, loss, se, processes=None)
     """A checkpoint holding only what trend reads, and its eval.json with a think sweep."""
     d = tmp_path / name
     d.mkdir()
+    corpus = tmp_path / "corpus.txt"  # its first 90% is 204,800 characters: 100 steps read it once
+    if not corpus.exists():
+        corpus.write_text("a" * 227_556)
     ckpt = {"config": {"model": {"think_steps": think_steps, "energy": "transformer" if think_steps
                                  else "linear", "think_rule": "ebt"},
-                       "data": {"batch_size": 16, "block_size": 64},
+                       "data": {"batch_size": 16, "block_size": 64, "data_path": str(corpus)},
                        "train": {"grad_accum_steps": 2, "seed": seed}}, "step": steps,
             "model": {}, "vocab": ["a"]}
     if processes:
@@ -44,6 +47,7 @@ def test_trend_counts_tokens_and_gaps_per_seed(tmp_path):
     assert [p["tokens"] for p in points] == [204800, 204800, 1638400, 204800, 204800, 1638400,
                                              2457600]
     assert points[3]["loss"] == 2.5  # the trained K's row, not K = 0
+    assert [p["epochs"] for p in points[:3]] == pytest.approx([1.0, 1.0, 8.0])
     base, other, rows = viz.trend_rows(points)
     assert (base, other) == ("plain transformer", "EBT, K=2")
     assert [r["tokens"] for r in rows] == [204800, 1638400]
@@ -73,5 +77,17 @@ def test_trend_writes_the_plot(tmp_path, capsys):
                               f"out_dir={tmp_path / 'plots'}"])
     viz.visualise(cfg)
     assert (tmp_path / "plots" / "trend.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| 204,800 | 100 | 2 | 1.9000, 1.9000 | 2.2000, 2.2000 | +0.3000, +0.3000 |" in \
+    assert "| 204,800 | 1.00 | 100 | 2 | 1.9000, 1.9000 | 2.2000, 2.2000 | +0.3000, +0.3000 |" in \
         capsys.readouterr().out
+
+
+def test_gap_slope_against_log_tokens():
+    """The gap's slope per decade of tokens: exact (se 0) for gaps on a line in log10 tokens; a
+    noisy line gives a positive standard error around the true slope."""
+    rows = [{"tokens": 10 ** k, "gaps": [0.3 - 0.05 * k, 0.3 - 0.05 * k]} for k in (4, 5, 6, 7)]
+    slope, se = viz.gap_slope(rows)
+    assert slope == pytest.approx(-0.05) and se == pytest.approx(0.0, abs=1e-12)
+    noisy = [{"tokens": 10 ** k, "gaps": [0.3 - 0.05 * k + 0.01, 0.3 - 0.05 * k - 0.01]}
+             for k in (4, 5, 6, 7)]
+    slope, se = viz.gap_slope(noisy)
+    assert slope == pytest.approx(-0.05) and se > 0
