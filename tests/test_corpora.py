@@ -210,3 +210,23 @@ def test_works_the_val_text_draws_on_are_held_out():
              "other": "Now is the time, and the winter comes; our discontent is made of summer."}
     assert corpora.held_out(works, val) == {"richard": pytest.approx(0.6, abs=0.2)}
     assert corpora.shared("abcdef", "xxabcdxx", 4) == 1 / 3
+
+
+def test_window_optimum_is_the_model_where_the_window_holds_its_context():
+    """The optimum under eval.py's windows: at window positions with the model's whole context it is
+    the model's own loss; before that, for an i.i.d. uniform text, the counted conditional is the
+    uniform one (log V)."""
+    rng = random.Random(0)
+    chars = list("abcdefgh")
+    text = "".join(rng.choice(chars) for _ in range(200_000))
+    ids = corpora.encode(text.encode(), chars)
+    model = NGram(chars, ids[:150_000], 3)
+    val = ids[150_000:]
+    per_window = corpora.window_optimum(model, ids[:150_000], val, block=16)
+    full = corpora.score(model, val[: len(per_window) * 16 + 1])
+    assert per_window.shape == ((len(val) - 1) // 16,)
+    # a window's mean: position 0 from counts (about log 8), positions 1..15 the model's losses
+    first = full[np.arange(len(per_window))[:, None] * 16 + np.arange(1, 16) + 1 - 2]
+    counted = per_window * 16 - first.sum(1)
+    assert counted.mean() == pytest.approx(math.log(8), abs=0.02)
+    assert per_window.mean() == pytest.approx(math.log(8), abs=0.02)
