@@ -19,6 +19,7 @@ an optional extra (`--extra plots`), so the core install stays small. Writes PNG
 
 import json
 import math
+import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,13 @@ class VizConfig:
     # eval.json files of two arms (the first file's arm is the baseline) at several budgets for
     # trend.png
     trend: List[str] = field(default_factory=list)
+    # the second arm's counted training FLOPs per step over the first's (bench.py's flops_ratio):
+    # the trend table reads the first arm's loss at that many times the second's tokens off the
+    # first arm's curve (0: no such column)
+    trend_flops_ratio: float = 0.0
+    # the best loss possible on the scored text (e.g. corpora.py's optimum under eval.py's windows):
+    # the trend table gives each arm's excess over it (null: no such column)
+    trend_optimum: Optional[float] = None
     out_dir: str = "assets"
     # steps drawn in think_descent.png; candidates.png shows the model's think_steps
     think_steps: int = 16
@@ -189,20 +197,48 @@ def trend_rows(points):
     return base, other, rows
 
 
-def trend_markdown(base, other, rows):
-    """trend_rows as a markdown table, one row per budget."""
+def read_off(points, arm, tokens):
+    """The arm's mean loss at `tokens`, interpolated linearly in log tokens between its two nearest
+    budgets (None outside the budgets it was trained at: no extrapolation)."""
+    budgets = sorted({p["tokens"] for p in points if p["arm"] == arm})
+    if not budgets[0] <= tokens <= budgets[-1]:
+        return None
+    mean = {x: statistics.mean(p["loss"] for p in points if p["arm"] == arm and p["tokens"] == x)
+            for x in budgets}
+    hi = next(x for x in budgets if x >= tokens)
+    lo = max(x for x in budgets if x <= tokens)
+    if hi == lo:
+        return mean[lo]
+    w = math.log(tokens / lo) / math.log(hi / lo)
+    return (1 - w) * mean[lo] + w * mean[hi]
+
+
+def trend_markdown(base, other, rows, points=(), flops_ratio=0.0, optimum=None):
+    """trend_rows as a markdown table, one row per budget; with flops_ratio, the base arm at the
+    other's counted FLOPs (read off its curve) and the other arm's gap to it; with optimum, each
+    arm's mean excess over it."""
     cells = [[f"{r['tokens']:,}", f"{r['epochs']:.2f}", r["steps"], len(r["seeds"]),
               ", ".join(f"{x:.4f}" for x in r[base]), ", ".join(f"{x:.4f}" for x in r[other]),
               ", ".join(f"{g:+.4f}" for g in r["gaps"]), f"{r['gap']:+.4f} ± {r['gap_se']:.4f}"]
              for r in rows]
     head = ["tokens", "epochs", "steps", "seeds", base, other, "gap per seed", "gap (mean ± se)"]
+    if flops_ratio:
+        head += [f"{base} at {other}'s FLOPs", "gap at equal FLOPs"]
+        for r, row in zip(rows, cells):
+            at = read_off(points, base, r["tokens"] * flops_ratio)
+            row += ["(beyond its budgets)", ""] if at is None else [
+                f"{at:.4f}", f"{statistics.mean(r[other]) - at:+.4f}"]
+    if optimum is not None:
+        head += [f"{base} excess", f"{other} excess"]
+        for r, row in zip(rows, cells):
+            row += [f"{statistics.mean(r[arm]) - optimum:+.4f}" for arm in (base, other)]
     slope, se = gap_slope(rows)
     return "\n".join(table(None, head, cells) + [
         "", f"gap slope: {slope:+.4f} ± {se:.4f} nats per decade of tokens (least squares over "
             "every seed's gap against log10 tokens, ± one standard error)"])
 
 
-def plot_trend(plt, points, path):
+def plot_trend(plt, points, path, flops_ratio=0.0, optimum=None):
     """trend.png: val loss per run and arm (left), the gap per seed and its mean ± one standard
     error (right), against training tokens on a log axis; prints the table."""
     base, other, rows = trend_rows(points)
@@ -228,10 +264,12 @@ def plot_trend(plt, points, path):
         ax.minorticks_off()
     left.set_xlabel("training tokens")
     left.set_ylabel("val loss (nats per character)")
+    if optimum is not None:
+        left.axhline(optimum, color="gray", lw=0.8, ls="--", label="optimum")
     left.legend(fontsize=7)
     save(plt, fig, right, path, "training tokens", "gap in val loss (nats)",
          "the gap against training tokens")
-    print(trend_markdown(base, other, rows))
+    print(trend_markdown(base, other, rows, points, flops_ratio, optimum))
 
 
 @torch.no_grad()
@@ -459,7 +497,8 @@ def visualise(cfg: VizConfig):
             plot_chains(plt, [r for r in results if "chains" in r], out / "chains.png")
             written.append(out / "chains.png")
     if cfg.trend:
-        plot_trend(plt, trend_points(cfg.trend), out / "trend.png")
+        plot_trend(plt, trend_points(cfg.trend), out / "trend.png", cfg.trend_flops_ratio,
+                   cfg.trend_optimum)
         written.append(out / "trend.png")
     if cfg.metrics:
         plot_energy_gap(plt, cfg.metrics, out / "energy_gap.png")

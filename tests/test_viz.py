@@ -91,3 +91,18 @@ def test_gap_slope_against_log_tokens():
              for k in (4, 5, 6, 7)]
     slope, se = viz.gap_slope(noisy)
     assert slope == pytest.approx(-0.05) and se > 0
+
+
+def test_trend_reads_the_baseline_off_its_curve_at_equal_flops_and_gives_the_excess():
+    """At flops_ratio r the baseline's loss at r x the other arm's tokens is interpolated in log
+    tokens between its budgets (never extrapolated), and each arm's excess is its mean minus the
+    optimum."""
+    points = [{"arm": "plain", "tokens": t, "loss": l, "seed": 1, "epochs": 0.1, "steps": 1, "se": 0.01}
+              for t, l in ((1000, 2.0), (10000, 1.5), (100000, 1.2))]
+    points += [{"arm": "EBT", "tokens": 1000, "loss": 2.2, "seed": 1, "epochs": 0.1, "steps": 1, "se": 0.01}]
+    assert viz.read_off(points, "plain", 10 ** 3.5) == pytest.approx(1.75)
+    assert viz.read_off(points, "plain", 10000) == pytest.approx(1.5)
+    assert viz.read_off(points, "plain", 200000) is None
+    base, other, rows = viz.trend_rows(points)
+    table = viz.trend_markdown(base, other, rows, points, flops_ratio=10 ** 0.5, optimum=1.0)
+    assert "| 1.7500 | +0.4500 | +1.0000 | +1.2000 |" in table
