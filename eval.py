@@ -51,6 +51,9 @@ class EvalConfig:
     ood_text: str = "assets/ood.txt"
     corrupt: float = 0.05  # fraction of val characters substituted at random for the corrupted copy
     chain_steps: List[int] = field(default_factory=lambda: [0, 1, 2, 4, 8, 16])  # []: no chains
+    # score the think sweep alone (what viz.py's trend reads): the other parts, the exact verifier
+    # above all (V candidate slots per position), cost most of an evaluation's time
+    sweep_only: bool = False
     chain_step_size: Optional[float] = None  # the chains' step (default: langevin_step_size)
     max_tokens: int = 0  # score at most this many val tokens (0 = the whole val split)
     batch_size: int = 64  # windows per forward pass
@@ -414,6 +417,8 @@ def evaluate_checkpoint(cfg: EvalConfig):
     r = {"checkpoint": str(cfg.checkpoint), "energy": model.config.energy,
          "model_think_steps": model.config.think_steps, "think_steps": K,
          **slices(y, tune, device, vocab), "think_sweep": report.sweep(cfg.sweep, tuner)}
+    if cfg.sweep_only:
+        return r
     r["temperature_control"], thought, s1, s2 = temperature_part(report, tuner, K)
     r["self_verification"] = self_verification_part(report, K, cfg.samples, s2)
     r["exact_verifier"], min_energy = exact_verifier_part(report, tuner, thought, s2)

@@ -377,8 +377,8 @@ def checkpoint_markdown(r):
         f"or of the paired difference, from {r['bootstrap_resamples']} bootstrap resamples of "
         f"whole windows of block_size characters ({r['report_windows']} report windows), since "
         "neighbouring characters are correlated",
-        *sweep_markdown(r), *verification_markdown(r), *uncertainty_markdown(r),
-        *ood_markdown(r), *chains_markdown(r)])
+        *sweep_markdown(r), *(verification_markdown(r) + uncertainty_markdown(r) + ood_markdown(r)
+                               if "ood" in r else []), *chains_markdown(r)])
 
 
 def sweep_markdown(r):
@@ -388,6 +388,12 @@ def sweep_markdown(r):
               f"{row['us_per_token']:.1f}", f"{row['temperature']:.3f}",
               num(row["at_temperature"]["loss"]), delta(row["at_temperature"]),
               num(row["loss_all_windows"])] for row in r["think_sweep"]]
+    sweep_table = table("think sweep (each K also at its own best temperature, chosen on the tune "
+                        "slice)", ["think_steps", "val loss", "bits/char", "vs K=0", "µs/token",
+                                   "best T", "val loss at best T", f"vs K={vs} at its best T",
+                                   "all windows"], sweep)
+    if "temperature_control" not in r:  # eval.py sweep_only=true
+        return sweep_table
     t = r["temperature_control"]
     control = [["System 1", 1, num(t["s1"]["loss"]), ""],
                ["System 1", f"{t['s1_temperature']:.3f}", num(t["s1_at_temperature"]["loss"]),
@@ -395,12 +401,9 @@ def sweep_markdown(r):
                ["thinking", 1, num(t["s2"]["loss"]), delta(t["s2"])],
                ["thinking", f"{t['s2_temperature']:.3f}", num(t["s2_at_temperature"]["loss"]),
                 f"{delta(t['s2_at_temperature'])} vs System 1 at its temperature"]]
-    return (table("think sweep (each K also at its own best temperature, chosen on the tune slice)",
-                  ["think_steps", "val loss", "bits/char", "vs K=0", "µs/token", "best T",
-                   "val loss at best T", f"vs K={vs} at its best T", "all windows"], sweep)
-            + table(f"temperature-matched control (K={t['think_steps']}; temperatures chosen on "
-                    "the tune slice)", ["prediction", "temperature", "val loss", "vs raw System 1"],
-                    control))
+    return sweep_table + table(f"temperature-matched control (K={t['think_steps']}; temperatures "
+                               "chosen on the tune slice)",
+                               ["prediction", "temperature", "val loss", "vs raw System 1"], control)
 
 
 def verification_markdown(r):

@@ -745,3 +745,17 @@ def test_a_run_with_its_own_val_text_is_scored_on_it(tmp_path):
         "chain_steps=[]", "device=cpu"]))
     assert r["tokens"] + r["tune_tokens"] == (3000 - 1) // 16 * 16 != (2000 - 1) // 16 * 16
     assert r["tune_tokens"] == 38 * 16 and r["report_windows"] == 187 - 38
+
+
+def test_sweep_only_scores_the_sweep_alone_with_the_same_figures(tmp_path, capsys):
+    """sweep_only=true: eval.json holds the think sweep (the same figures as a whole evaluation's)
+    and none of the other parts, and its report prints."""
+    out = tmp_path / "run"
+    run_train(TINY + [f"data.data_path={write_corpus(tmp_path / 'c.txt')}", f"out_dir={out}"])
+    args = [f"checkpoint={out / 'final.pt'}", "max_tokens=1024", "sweep=[0,2]", "samples=[1]",
+            "epsilons=[]", "chain_steps=[]"]
+    whole = eval_mod.evaluate_checkpoint(compose_cfg("eval", args))
+    alone = eval_mod.evaluate_checkpoint(compose_cfg("eval", args + ["sweep_only=true"]))
+    assert [row["loss"] for row in alone["think_sweep"]] == [row["loss"] for row in whole["think_sweep"]]
+    assert not {"temperature_control", "exact_verifier", "ood", "uncertainty"} & alone.keys()
+    assert "think sweep" in viz.eval_markdown(alone)
