@@ -142,16 +142,16 @@ def scored(per_puzzle, bins):
             for name, rows in bins.items() if len(rows)}
 
 
-def score_run(cfg, net, test, val):
+def score_run(cfg, net, test, val, sweeps):
     """The run's figures: on the held-out training puzzles (val, to choose the learning rate) and
-    on every test bin; for ebt also against K (M = 1), against M (trained K), the longest K with
-    the most starts, and the oracle."""
+    on every test bin; for ebt with sweeps also against K (M = 1), against M (trained K), the
+    longest K with the most starts, and the oracle."""
     net.eval()
     givens, solutions, bins = test
     gen = lambda: torch.Generator().manual_seed(cfg.eval_seed)  # noqa: E731  the same starts
     out = {"val": scored(score(net, *val, gen()), {"val": torch.arange(len(val[0]))})["val"],
            "test": scored(score(net, givens, solutions, gen()), bins)}
-    if net.config.energy:
+    if net.config.energy and sweeps:
         out["by_steps"] = {k: scored(score(net, givens, solutions, gen(), steps=k), bins)
                            for k in cfg.steps}
         out["by_starts"] = {m: scored(score(net, givens, solutions, gen(), starts=m), bins)
@@ -163,8 +163,9 @@ def score_run(cfg, net, test, val):
     return out
 
 
-def run_one(cfg_dict, arm, layers, lr, seed):
-    """Train (or resume) one run and score it; writes out_dir/<name>/result.json."""
+def run_one(cfg_dict, arm, layers, lr, seed, sweeps=False):
+    """Train (or resume: a trained run only loads) one run and score it, with the test-time sweeps
+    if asked; writes out_dir/<name>/result.json."""
     torch.set_num_threads(1)
     cfg = SudokuStudyConfig(**cfg_dict)
     out = Path(cfg.out_dir) / run_name(arm, lr, seed)
@@ -182,7 +183,7 @@ def run_one(cfg_dict, arm, layers, lr, seed):
               "params": sum(p.numel() for p in net.parameters()),
               "train_seconds": round(time.time() - t0, 1),
               **score_run(cfg, net, (test_givens, test_solutions, bins),
-                          (givens[n:], solutions[n:]))}
+                          (givens[n:], solutions[n:]), sweeps)}
     (out / "result.json").write_text(json.dumps(result, indent=1))
     return result
 
@@ -218,19 +219,21 @@ def matched_layers(cfg):
                     "onepass_deep": base + layers * per_layer}
 
 
-def run_all(cfg, jobs):
-    """Results of the runs (arm, layers, lr, seed), cfg.workers side by side; done ones are read."""
+def run_all(cfg, jobs, sweeps=False):
+    """Results of the runs (arm, layers, lr, seed), cfg.workers side by side, ebt's with the
+    test-time sweeps if asked; done ones are read."""
     results, todo = {}, []
     for job in jobs:
         path = Path(cfg.out_dir) / run_name(job[0], *job[2:]) / "result.json"
-        if path.exists():
-            results[job] = json.loads(path.read_text())
+        done = json.loads(path.read_text()) if path.exists() else None
+        if done and (not sweeps or job[0] != "ebt" or "by_steps" in done):
+            results[job] = done
         else:
             todo.append(job)
     if todo:
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max(1, cfg.workers), mp_context=ctx) as pool:
-            futures = {job: pool.submit(run_one, asdict(cfg), *job) for job in todo}
+            futures = {job: pool.submit(run_one, asdict(cfg), *job, sweeps) for job in todo}
             for job, future in futures.items():
                 results[job] = future.result()
                 print(f"{run_name(job[0], *job[2:])}: val solve {results[job]['val']['solve'][0]:.3f}")
@@ -245,7 +248,8 @@ def best_lr(results, arm):
 
 
 def study(cfg: SudokuStudyConfig):
-    """Every arm at every learning rate (first seed), the best again at the other seeds."""
+    """Every arm at every learning rate (first seed), the best again at the other seeds, and the
+    test-time sweeps of ebt's best runs."""
     unknown = [a for a in cfg.arms if a not in ARMS]
     if unknown or not cfg.lrs or not cfg.seeds:
         raise UserError(f"arms must be among {', '.join(ARMS)} (got {unknown}), lrs and seeds "
@@ -256,7 +260,7 @@ def study(cfg: SudokuStudyConfig):
     results = run_all(cfg, [(a, arm_layers[a], lr, cfg.seeds[0]) for a in cfg.arms for lr in cfg.lrs])
     best = {arm: best_lr(results, arm) for arm in cfg.arms}
     results.update(run_all(cfg, [(a, arm_layers[a], best[a], s) for a in cfg.arms
-                                 for s in cfg.seeds[1:]]))
+                                 for s in cfg.seeds], sweeps=True))
     report = {"config": OmegaConf.to_container(OmegaConf.structured(cfg)), "flops_per_step": flops,
               "deep_layers": layers, "best_lr": best,
               "runs": {run_name(a, *rest): r for (a, _, *rest), r in results.items()}}

@@ -113,8 +113,8 @@ def test_onepass_learns_a_batch():
 
 
 def test_study_runs_every_arm_and_resumes(tmp_path):
-    """A tiny study trains each arm at each lr, the best again at the second seed, writes its
-    report, and a second call trains nothing (every result is read back)."""
+    """A tiny study trains each arm at each lr, the best again at the second seed, sweeps K and M
+    for ebt's best runs, writes its report, and a second call trains nothing."""
     train, test = tmp_path / "train.txt", tmp_path / "test.txt"
     sudoku.main_sudoku(compose_cfg("sudoku", [f"train_path={train}", f"test_path={test}",
                                               "n_train=60", "n_test=4"]))
@@ -124,9 +124,13 @@ def test_study_runs_every_arm_and_resumes(tmp_path):
     report = sudoku_study.study(compose_cfg("sudoku_study", args))
     assert len(report["runs"]) == 3 * 2 + 3  # every arm at both lrs, the best at seed 1338
     assert report["deep_layers"] >= 1 and report["flops_per_step"]["ebt"] > report["flops_per_step"]["onepass"]
-    ebt = [r for r in report["runs"].values() if r["arm"] == "ebt"][0]
-    assert set(ebt["test"]) == {"in_distribution", "givens_15_17", "givens_12_14", "givens_9_11"}
-    assert {"by_steps", "by_starts", "longest", "oracle"} <= ebt.keys()
+    ebt = [r for r in report["runs"].values() if r["arm"] == "ebt"]
+    assert all(set(r["test"]) == {"in_distribution", "givens_15_17", "givens_12_14", "givens_9_11"}
+               for r in ebt)
+    best = [r for r in ebt if r["lr"] == report["best_lr"]["ebt"]]
+    assert len(best) == 2 and all({"by_steps", "by_starts", "longest", "oracle"} <= r.keys()
+                                  for r in best)  # the test-time sweeps: the best runs only
+    assert not any("by_steps" in r for r in ebt if r["lr"] != report["best_lr"]["ebt"])
     assert "solve rate" in (tmp_path / "out" / "study.md").read_text()
     stamp = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*/ckpt.pt")}
     again = sudoku_study.study(compose_cfg("sudoku_study", args))
