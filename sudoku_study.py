@@ -84,10 +84,13 @@ def cfg_size(cfg):
 
 
 def optimizer(net, lr):
-    """AdamW as train.py's: 2D weights decay, norms and the learned step size do not."""
-    params = [p for p in net.parameters() if p.requires_grad]
+    """AdamW as train.py's: 2D weights decay, norms do not, and the learned step size has its own
+    group at TrainConfig's think_lr_lr_mult times the learning rate (EBT's S1 recipe)."""
+    step = [net.log_lr] if net.config.energy else []
+    params = [p for p in net.parameters() if p.requires_grad and all(p is not s for s in step)]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+              {"params": step, "weight_decay": 0.0, "lr_mult": TrainConfig().think_lr_lr_mult}]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99))
 
 
@@ -108,7 +111,7 @@ def train(cfg, net, lr, seed, out, data):
     net.train()
     while step < cfg.max_steps:
         for group in opt.param_groups:
-            group["lr"] = get_lr(step, schedule)
+            group["lr"] = get_lr(step, schedule) * group.get("lr_mult", 1.0)
         rows = torch.randint(len(givens), (cfg.batch_size,), generator=gen)
         opt.zero_grad(set_to_none=True)
         loss(net, givens[rows], solutions[rows]).backward()

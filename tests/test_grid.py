@@ -144,3 +144,17 @@ def test_bad_arm_is_refused_in_one_line(tmp_path):
 
     with pytest.raises(UserError, match="arms must be among"):
         sudoku_study.study(compose_cfg("sudoku_study", ["arms=[onepass,magic]"]))
+
+
+def test_optimizer_holds_every_parameter_once_and_the_step_size_at_its_own_rate():
+    """Every parameter sits in one group; the EBT's learned step size alone in a group whose
+    learning rate is think_lr_lr_mult times the others' (the one-pass net has none)."""
+    from engine import TrainConfig
+
+    for energy in (True, False):
+        net = make_net(energy=energy)
+        opt = sudoku_study.optimizer(net, 1e-3)
+        held = [p for g in opt.param_groups for p in g["params"]]
+        assert len(held) == len(list(net.parameters())) == len({id(p) for p in held})
+        mults = [(g.get("lr_mult", 1.0), len(g["params"])) for g in opt.param_groups]
+        assert mults[-1] == ((TrainConfig().think_lr_lr_mult, 1) if energy else (10.0, 0))
