@@ -502,6 +502,8 @@ class Recompute(torch.autograd.Function):
     y = fn(*xs) that keeps only its inputs xs for the backward, which runs fn again (activation
     checkpointing), under the autocast of the forward. The backward is itself a Recompute, of fn's
     vector-Jacobian product, so that a double backward keeps only xs and the output gradients too.
+    Like autograd, it differentiates only towards the inputs the running backward needs: dE/dp
+    needs no gradient at the observed keys and values.
     """
 
     @staticmethod
@@ -515,7 +517,20 @@ class Recompute(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *dys):
         xs = ctx.saved_tensors
-        return None, *Recompute.apply(partial(vjp, ctx.fn, len(xs)), *xs, *dys)
+        wrt = [i for i, x in enumerate(xs) if needed(x)]
+        grads = [None] * len(xs)
+        for i, g in zip(wrt, Recompute.apply(partial(vjp, ctx.fn, len(xs), wrt), *xs, *dys)):
+            grads[i] = g
+        return None, *grads
+
+
+def needed(x):
+    """Whether the running backward needs the gradient at x: x leads to what it differentiates (the
+    engine's own pruning, which torch.autograd.graph.register_multi_grad_hook asks too; of a leaf,
+    a weight, the engine cannot tell under autograd.grad: needed)."""
+    if not x.requires_grad or x.grad_fn is None:
+        return x.requires_grad
+    return torch._C._will_engine_execute_node(x.grad_fn)
 
 
 def autocast_like_now(device, enabled, dtype, fn, *xs):
@@ -524,15 +539,16 @@ def autocast_like_now(device, enabled, dtype, fn, *xs):
         return fn(*xs)
 
 
-def vjp(fn, n, *args):
+def vjp(fn, n, wrt, *args):
     """
-    The gradients at xs = args[:n] of fn(*xs) weighted by dys = args[n:] (its vector-Jacobian
-    product): differentiable in args while grad mode is on, as in a Recompute's backward of it.
+    The gradients at xs[i], i in wrt, of fn(*xs) weighted by dys, where xs = args[:n] and dys =
+    args[n:] (its vector-Jacobian product): differentiable in args while grad mode is on, as in a
+    Recompute's backward of it.
     """
     xs, dys = args[:n], args[n:]
     differentiable = torch.is_grad_enabled()
     with torch.enable_grad():
         if not differentiable:
             xs = [x.detach().requires_grad_() for x in xs]
-        return torch.autograd.grad(fn(*xs), xs, dys, create_graph=differentiable,
-                                   materialize_grads=True)
+        return torch.autograd.grad(fn(*xs), [xs[i] for i in wrt], dys,
+                                   create_graph=differentiable, materialize_grads=True)
