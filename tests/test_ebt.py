@@ -218,6 +218,29 @@ def test_compiled_dE_dp_trains_as_eager(recipe):
         assert comp == pytest.approx(eager, rel=rel), dtype
 
 
+@pytest.mark.slow
+def test_compiled_ebt_generation_equals_eager_and_compiles_once():
+    """generate(compile=True) with S1's model (noise starts, step embeddings, dE/dp by autograd
+    eagerly) gives eager's greedy tokens from the same seed, and generating more tokens compiles
+    nothing new: no graph per token or per cache length (1 layer, 32 wide, block 16)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()  # other tests' graphs neither count nor fill the recompile limit
+    model = perturb(make_model(dtype=torch.float32, n_layer=1, **S1)).eval()
+    idx = torch.randint(0, V, (1, 3), generator=torch.Generator().manual_seed(0))
+    think = partial(ebm.system2_logits, steps=2)
+
+    def generate(n, compile):
+        torch.manual_seed(0)
+        return ebm.generate(model, idx, n, think, compile=compile)
+
+    assert torch.equal(generate(3, True), generate(3, False))
+    graphs = counters["stats"]["unique_graphs"]
+    # up to 15 of the 16 positions: every cache length from 4 on
+    assert torch.equal(generate(12, True), generate(12, False))
+    assert counters["stats"]["unique_graphs"] == graphs > 0
+
+
 def recipe_loss(model, T=16):
     """The training loss of one batch (B=2) of a recipe, its noise seeded."""
     idx, targets = batch(T=T)
