@@ -171,9 +171,10 @@ class MemoryCount(TorchDispatchMode):
     when it is freed (a weakref callback on the storage). A storage alive before (parameters,
     optimizer state, the batch) counts from the first op that reads it, and is added to the peak
     too: it was alive all along. peak: the most bytes alive at once; now: those alive;
-    at_peak: the bytes alive at the peak by what made them, "op (shape) dtype" -> [storages, bytes]
-    ("alive before" for the storages the window found): where the memory goes. Temporaries inside
-    one kernel are not tensors and do not count (nor do they on CUDA, but for workspaces).
+    at_peak: the bytes alive at the peak by what made them, "op (shape) dtype" -> [storages, bytes],
+    the op prefixed in a backward by the node whose backward ran it ("ExpBackward0: mul (...)"),
+    and "alive before" for the storages the window found: where the memory goes. Temporaries
+    inside one kernel are not tensors and do not count (nor do they on CUDA, but for workspaces).
     """
 
     def __init__(self):
@@ -217,6 +218,8 @@ class MemoryCount(TorchDispatchMode):
                 seen[0], seen[1] = seen[0] + 1, seen[1] + nbytes
         out = func(*args, **kwargs)
         name = func.overloadpacket.__name__
+        node = torch._C._current_autograd_node()  # in a backward: the node whose backward runs
+        name = f"{node.name()}: {name}" if node is not None else name
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 self.count(t, f"{name} {tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}")
@@ -473,7 +476,8 @@ def peak_cell(t):
 def memory_table(at_peak, rows=12):
     """The largest entries of MemoryCount.at_peak as a table: what made them, how many, MB."""
     top = sorted(at_peak.items(), key=lambda kv: -kv[1][1])
-    lines = ["| made by (op, shape, dtype) | tensors | MB | share |", "|---|---|---|---|"]
+    lines = ["| made by ([backward of:] op, shape, dtype) | tensors | MB | share |",
+             "|---|---|---|---|"]
     total = sum(nbytes for _, nbytes in at_peak.values())
     for what, (n, nbytes) in top[:rows]:
         lines.append(f"| {what} | {n} | {nbytes / 2**20:.1f} | {nbytes / total:.1%} |")

@@ -455,7 +455,8 @@ def test_memory_count_of_a_tensor_allocated_and_freed(one_thread):
 def test_memory_count_of_a_matmul_chain(one_thread):
     """bench.MemoryCount of x @ w1 @ w2 with the intermediate dropped: the inputs (alive before,
     counted once though read twice), the intermediate and the result at the peak; without the
-    intermediate after. With autograd the saved tensors count until the backward frees them."""
+    intermediate after. With autograd the saved tensors count until the backward frees them, and
+    what a backward makes is named by its node."""
     x, w1, w2 = torch.randn(100, 200), torch.randn(200, 300), torch.randn(300, 50)
     inputs = (100 * 200 + 200 * 300 + 300 * 50) * 4
     with bench.MemoryCount() as count:
@@ -474,6 +475,7 @@ def test_memory_count_of_a_matmul_chain(one_thread):
     read = (100 * 200 + 200 * 300) * 4  # x and w1: the window does not read w2
     assert saved == read + (100 * 300 + 1) * 4
     assert count.now == read + 200 * 300 * 4  # w1.grad is what stays
+    assert "ExpBackward0: mul (100, 300) float32" in count.by_what  # a backward's, by its node
 
 
 def test_bench_counts_each_modes_peak_memory(one_thread, tmp_path):
