@@ -5,8 +5,10 @@ options]`.
 1. Per mode (bench.modes: plain = think_steps 0, the three energies at the configured think_steps,
    and the EBT recipes of config/preset): FLOPs per training step, counted by torch's FLOP counter
    over real steps (matmuls and attention, forward, backward and double backward; elementwise work
-   counts zero), and ms/step and tokens/s, the modes interleaved (plain, linear, ..., plain, linear,
-   ...) so that a noisy machine slows all alike; the median of bench.repeats windows. Ratios are
+   counts zero; the model's math, as MFU counts: what EBT's recomputation of its candidate slots
+   adds, model.Recompute, is printed below the table), and ms/step and tokens/s, the modes
+   interleaved (plain, linear, ..., plain, linear, ...) so that a noisy machine slows all alike;
+   the median of bench.repeats windows. Ratios are
    against plain, both counted and timed. With train.compile=true every mode trains compiled
    (engine.compiled).
 2. Model FLOPs utilisation: plain's counted FLOP/s as a fraction of a matmul peak measured here in
@@ -48,6 +50,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
+import model as model_mod
 from ebm import generate, system2_logits
 from engine import (DTYPES, Objective, RunConfig, check_dtype, compiled, grad_scaler, setup,
                     train_step)
@@ -229,14 +232,6 @@ class MemoryCount(TorchDispatchMode):
         return out
 
 
-def counted_memory(fn):
-    """The peak bytes of live tensors while fn() runs, those alive before that it touches
-    included (MemoryCount), and where they go."""
-    with MemoryCount() as counter:
-        fn()
-    return counter.peak, counter.at_peak
-
-
 def mode_config(cfg, mode):
     """The command's config with the mode's model keys set."""
     if mode not in MODES:
@@ -287,12 +282,13 @@ def interleaved(settings, batches, b, device):
 
 def bench_training(cfg, b):
     """Per mode: counted FLOPs per training step (the mean over b.steps steps: EBT's S2 draws its
-    number of think steps), the peak bytes of live tensors over b.steps more steps (MemoryCount)
+    number of think steps; the model's math, model.RECOMPUTE off), then over b.steps more steps
+    the peak bytes of live tensors (MemoryCount) and the FLOPs that run (recomputation included),
     and ms/step, the modes interleaved, compiled with train.compile (the FLOPs and bytes are
     counted eager first: compiled kernels bypass the dispatcher); ratios against plain.
     Returns the table, each mode's setting (its objective, optimizer and config) and model, the
     data, the batches and the device."""
-    settings, models, flops, memory, batches = {}, {}, {}, {}, None
+    settings, models, flops, flops_run, memory, batches = {}, {}, {}, {}, {}, None
     for mode in ["plain", *[m for m in b.modes if m != "plain"]]:
         c = mode_config(cfg, mode)
         run = setup(c)
@@ -307,16 +303,26 @@ def bench_training(cfg, b):
             for x, y in batches:
                 train_step(objective, optimizer, x, y, c)
 
-        flops[mode] = counted_flops(steps) / len(batches)
-        # eager, as the FLOPs; after the first steps, so that AdamW's state exists, as in a run
-        memory[mode] = counted_memory(steps)
+        # the model's FLOPs: its math, without the candidate slots' recomputation (as MFU counts)
+        model_mod.RECOMPUTE = False
+        try:
+            flops[mode] = counted_flops(steps) / len(batches)
+        finally:
+            model_mod.RECOMPUTE = True
+        # eager, as the FLOPs; after the first steps, so that AdamW's state exists, as in a run;
+        # and the FLOPs that run, recomputation included
+        with FlopCount() as ran, MemoryCount() as kept:
+            steps()
+        memory[mode] = kept.peak, kept.at_peak
+        flops_run[mode] = ran.flops / len(batches)
         settings[mode] = (Objective(compiled(model, c), run.state), optimizer, c)
         models[mode] = model
     out = interleaved(settings, batches, b, device)
     for mode, t in out.items():
         t.update({"think_steps": settings[mode][2].model.think_steps,
                   "params": models[mode].num_params(),
-                  "flops_per_step": flops[mode], "memory_bytes": memory[mode][0],
+                  "flops_per_step": flops[mode], "flops_run_per_step": flops_run[mode],
+                  "memory_bytes": memory[mode][0],
                   "memory_at_peak": memory[mode][1]})
     for t in out.values():
         t["flops_ratio"] = t["flops_per_step"] / out["plain"]["flops_per_step"]
@@ -503,6 +509,12 @@ def report(r, b):
                    f"{t['flops_ratio']:.2f} | {t['ms_per_step']:.1f} | {t['time_ratio']:.2f} | "
                    f"{t['tokens_per_s']:.0f} | {t['first_steps_s']:.1f} | "
                    f"{t['memory_bytes'] / 2**20:.1f} | {t['memory_ratio']:.2f} |" + peak_cell(t))
+    ran = [f"{mode} {t['flops_run_per_step'] / 1e9:.3f} "
+           f"({t['flops_run_per_step'] / t['flops_per_step'] - 1:+.1%})"
+           for mode, t in r["train"].items() if t["flops_run_per_step"] > 1.001 * t["flops_per_step"]]
+    if ran:
+        out += ["", "GFLOP/step that run, recomputation included (counted; model.Recompute): "
+                + ", ".join(ran)]
     out += ["", f"model FLOPs utilisation (plain): {m['achieved_flops'] / 1e9:.1f} GFLOP/s "
                 f"achieved "
             f"({m['flops_per_step'] / 1e9:.3f} GFLOP/step, counted) of a measured "

@@ -435,9 +435,10 @@ class GPT(nn.Module):
 # intermediates of the RMSNorms and the SwiGLU, most of an EBT step's memory (docs/speed.md). The
 # slots keep instead what their matmuls need (the inputs of c_attn, c_proj and c_fc, and in the
 # backward the gradients at their outputs) and recompute the rest, elementwise work and the
-# attention, in the backward and again in the double backward (Recompute): the same gradients, a
-# few more attention FLOPs. Under torch.compile (train.compile, generate(compile=True)) the compiler
-# chooses what to keep itself.
+# attention, in the backward and again in the double backward (Recompute): the same gradients, for
+# the attention's matmuls run again (an S1 step at the default shape runs 17% more FLOPs than its
+# math needs). Under torch.compile (train.compile, generate(compile=True)) the compiler chooses what
+# to keep itself.
 
 
 def candidate_block(block, c, cache, rope):
@@ -490,9 +491,15 @@ def slot_attention(qkv, K, V, rope):
     return (w_obs @ V + w_self * v) / (w_obs.sum(-1, keepdim=True) + w_self)
 
 
+# False: autograd keeps every intermediate of the slots (bench.py counts FLOPs so: the model's math,
+# not its recomputation, as MFU counts model FLOPs)
+RECOMPUTE = True
+
+
 def recomputed(fn, *xs):
-    """fn(*xs) keeping only xs for the backward (Recompute); under torch.compile fn(*xs) itself."""
-    if torch.compiler.is_compiling():
+    """fn(*xs) keeping only xs for the backward (Recompute); with RECOMPUTE off and under
+    torch.compile fn(*xs) itself."""
+    if not RECOMPUTE or torch.compiler.is_compiling():
         return fn(*xs)
     return Recompute.apply(fn, *xs)
 

@@ -481,7 +481,8 @@ def test_memory_count_of_a_matmul_chain(one_thread):
 def test_bench_counts_each_modes_peak_memory(one_thread, tmp_path):
     """bench.py's training table counts each mode's peak tensor memory on CPU: at least the
     parameters, their gradients and AdamW's two moments (4x the parameters' bytes), and EBT's step
-    (its think steps differentiated twice) above plain's."""
+    (its think steps differentiated twice) above plain's; and its FLOPs as the math's, with what
+    EBT's recomputation adds beside."""
     corpus = write_corpus(tmp_path / "corpus.txt", n_chars=5000)
     cfg = compose_cfg("bench", TINY + [f"data.data_path={corpus}", "bench.modes=[plain,ebt]",
                                        "bench.steps=1", "bench.repeats=1", "bench.warmup=0",
@@ -491,3 +492,6 @@ def test_bench_counts_each_modes_peak_memory(one_thread, tmp_path):
         assert t["memory_bytes"] >= 4 * 4 * t["params"], mode
     assert train["plain"]["memory_ratio"] == 1 and train["ebt"]["memory_ratio"] > 1.5
     assert "alive before" in train["ebt"]["memory_at_peak"]
+    # the FLOPs counted are the math's; EBT's recomputation runs more
+    assert train["plain"]["flops_run_per_step"] == train["plain"]["flops_per_step"]
+    assert train["ebt"]["flops_run_per_step"] > 1.05 * train["ebt"]["flops_per_step"]

@@ -252,7 +252,7 @@ def recipe_loss(model, T=16):
 def written_out(monkeypatch):
     """The candidate slots as autograd runs them without model.Recompute: every intermediate
     kept for the (double) backward."""
-    monkeypatch.setattr(model_mod, "recomputed", lambda fn, *xs: fn(*xs))
+    monkeypatch.setattr(model_mod, "RECOMPUTE", False)
 
 
 @pytest.mark.parametrize("recipe", ["S1", "S2"])
