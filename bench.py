@@ -5,8 +5,10 @@ options]`.
 1. Per mode (bench.modes: plain = think_steps 0, the three energies at the configured think_steps,
    and the EBT recipes of config/preset): FLOPs per training step, counted by torch's FLOP counter
    over real steps (matmuls and attention, forward, backward and double backward; elementwise work
-   counts zero), and ms/step and tokens/s, the modes interleaved (plain, linear, ..., plain, linear,
-   ...) so that a noisy machine slows all alike; the median of bench.repeats windows. Ratios are
+   counts zero; the model's math, as MFU counts: what EBT's recomputation of its candidate slots
+   adds, model.Recompute, is printed below the table), and ms/step and tokens/s, the modes
+   interleaved (plain, linear, ..., plain, linear, ...) so that a noisy machine slows all alike;
+   the median of bench.repeats windows. Ratios are
    against plain, both counted and timed. With train.compile=true every mode trains compiled
    (engine.compiled).
 2. Model FLOPs utilisation: plain's counted FLOP/s as a fraction of a matmul peak measured here in
@@ -17,10 +19,14 @@ options]`.
 4. Generation (greedy, batch 1, KV cache, eager), per mode: tokens/s, and counted FLOPs and aten
    ops per token, thinking bench.gen_think_steps steps (plain: none); and the command's model
    without the cache and compiled.
-5. Peak memory: the process's peak resident set on CPU, peak allocated memory per setting on CUDA.
+5. Peak memory of a training step per mode, on every device: the most bytes of live tensors at once,
+   counted at dispatch as CUDA's max_memory_allocated counts them (MemoryCount; eager), and its
+   ratio to plain's; with bench.profile, where they go. On CUDA also the allocator's own peak per
+   setting; elsewhere the process's peak resident set for the run.
 The modes apply their model keys on top of the command's config: give shapes and training keys, not
 a preset of the recipes. bench.profile=true prints where the time of each mode's training step and
-of a generated token goes (torch.profiler, by operator; on CUDA by kernel time). Prints tables and writes
+of a generated token goes (torch.profiler, by operator; on CUDA by kernel time), and where each
+mode's peak memory goes (by the op and shape that made each tensor). Prints tables and writes
 bench.json (in out_dir).
 """
 
@@ -30,6 +36,7 @@ import resource
 import statistics
 import sys
 import time
+import weakref
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -40,8 +47,10 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
+import model as model_mod
 from ebm import generate, system2_logits
 from engine import (DTYPES, Objective, RunConfig, check_dtype, compiled, grad_scaler, setup,
                     train_step)
@@ -154,6 +163,75 @@ def counted_flops(fn):
     return counter.flops
 
 
+ALIVE_BEFORE = "alive before"  # MemoryCount's name for the storages a window finds
+
+
+class MemoryCount(TorchDispatchMode):
+    """
+    Live tensor bytes, counted as CUDA's max_memory_allocated counts them but on any device (on CPU
+    torch keeps no such count, and the resident set holds the allocator's caches and the libraries
+    too): each storage once, however many views share it, added when an op returns it and taken off
+    when it is freed (a weakref callback on the storage). A storage alive before (parameters,
+    optimizer state, the batch) counts from the first op that reads it, and is added to the peak
+    too: it was alive all along. peak: the most bytes alive at once; now: those alive;
+    at_peak: the bytes alive at the peak by what made them, "op (shape) dtype" -> [storages, bytes],
+    the op prefixed in a backward by the node whose backward ran it ("ExpBackward0: mul (...)"),
+    and "alive before" for the storages the window found: where the memory goes. Temporaries
+    inside one kernel are not tensors and do not count (nor do they on CUDA, but for workspaces).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live = {}  # storage id -> (weakref to it, bytes, what made it)
+        self.now, self.peak = 0, 0
+        self.by_what, self.at_peak = {}, {}
+
+    def add(self, label, nbytes, sign):
+        """A storage of `label` made (sign 1) or freed (-1)."""
+        count = self.by_what.setdefault(label, [0, 0])
+        count[0] += sign
+        count[1] += sign * nbytes
+        self.now += sign * nbytes
+
+    def count(self, t, label):
+        """Count tensor t's storage, made by `label`, unless it is counted already; its bytes if
+        new, else 0."""
+        if not isinstance(t, torch.Tensor) or t.is_meta or t.layout != torch.strided:
+            return 0
+        storage = t.untyped_storage()
+        key, nbytes = storage._cdata, storage.nbytes()
+        if key in self.live or nbytes == 0:
+            return 0
+
+        def freed(_):
+            if self.live.pop(key, None) is not None:
+                self.add(label, nbytes, -1)
+
+        self.live[key] = (weakref.ref(storage, freed), nbytes, label)
+        self.add(label, nbytes, 1)
+        return nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for t in tree_flatten((args, kwargs))[0]:
+            nbytes = self.count(t, ALIVE_BEFORE)
+            if nbytes:  # alive before the window: alive at its peak too
+                self.peak += nbytes
+                seen = self.at_peak.setdefault(ALIVE_BEFORE, [0, 0])
+                seen[0], seen[1] = seen[0] + 1, seen[1] + nbytes
+        out = func(*args, **kwargs)
+        name = func.overloadpacket.__name__
+        node = torch._C._current_autograd_node()  # in a backward: the node whose backward runs
+        name = f"{node.name()}: {name}" if node is not None else name
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.count(t, f"{name} {tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}")
+        if self.now > self.peak:
+            self.peak = self.now
+            self.at_peak = {k: list(v) for k, v in self.by_what.items() if v[0]}
+        return out
+
+
 def mode_config(cfg, mode):
     """The command's config with the mode's model keys set."""
     if mode not in MODES:
@@ -204,11 +282,13 @@ def interleaved(settings, batches, b, device):
 
 def bench_training(cfg, b):
     """Per mode: counted FLOPs per training step (the mean over b.steps steps: EBT's S2 draws its
-    number of think steps) and ms/step, the modes interleaved, compiled with train.compile (the
-    FLOPs are counted eager first: compiled kernels bypass the dispatcher); ratios against plain.
+    number of think steps; the model's math, model.RECOMPUTE off), then over b.steps more steps
+    the peak bytes of live tensors (MemoryCount) and the FLOPs that run (recomputation included),
+    and ms/step, the modes interleaved, compiled with train.compile (the FLOPs and bytes are
+    counted eager first: compiled kernels bypass the dispatcher); ratios against plain.
     Returns the table, each mode's setting (its objective, optimizer and config) and model, the
     data, the batches and the device."""
-    settings, models, flops, batches = {}, {}, {}, None
+    settings, models, flops, flops_run, memory, batches = {}, {}, {}, {}, {}, None
     for mode in ["plain", *[m for m in b.modes if m != "plain"]]:
         c = mode_config(cfg, mode)
         run = setup(c)
@@ -218,18 +298,35 @@ def bench_training(cfg, b):
             batches = [data.batch("train", cfg.data.batch_size, gen,
                                   device) for _ in range(b.steps)]
         objective = Objective(model, run.state)
-        flops[mode] = counted_flops(lambda: [train_step(objective, optimizer, x, y, c)
-                                             for x, y in batches])
-        flops[mode] /= len(batches)
+
+        def steps():
+            for x, y in batches:
+                train_step(objective, optimizer, x, y, c)
+
+        # the model's FLOPs: its math, without the candidate slots' recomputation (as MFU counts)
+        model_mod.RECOMPUTE = False
+        try:
+            flops[mode] = counted_flops(steps) / len(batches)
+        finally:
+            model_mod.RECOMPUTE = True
+        # eager, as the FLOPs; after the first steps, so that AdamW's state exists, as in a run;
+        # and the FLOPs that run, recomputation included
+        with FlopCount() as ran, MemoryCount() as kept:
+            steps()
+        memory[mode] = kept.peak, kept.at_peak
+        flops_run[mode] = ran.flops / len(batches)
         settings[mode] = (Objective(compiled(model, c), run.state), optimizer, c)
         models[mode] = model
     out = interleaved(settings, batches, b, device)
     for mode, t in out.items():
         t.update({"think_steps": settings[mode][2].model.think_steps,
                   "params": models[mode].num_params(),
-                  "flops_per_step": flops[mode]})
+                  "flops_per_step": flops[mode], "flops_run_per_step": flops_run[mode],
+                  "memory_bytes": memory[mode][0],
+                  "memory_at_peak": memory[mode][1]})
     for t in out.values():
         t["flops_ratio"] = t["flops_per_step"] / out["plain"]["flops_per_step"]
+        t["memory_ratio"] = t["memory_bytes"] / out["plain"]["memory_bytes"]
         t["time_ratio"] = t["ms_per_step"] / out["plain"]["ms_per_step"]
     return out, settings, models, data, batches, device
 
@@ -382,6 +479,20 @@ def peak_cell(t):
     return f" {t['peak_memory_mb']:.0f} |" if "peak_memory_mb" in t else ""
 
 
+def memory_table(at_peak, rows=12):
+    """The largest entries of MemoryCount.at_peak as a table: what made them, how many, MB."""
+    top = sorted(at_peak.items(), key=lambda kv: -kv[1][1])
+    lines = ["| made by ([backward of:] op, shape, dtype) | tensors | MB | share |",
+             "|---|---|---|---|"]
+    total = sum(nbytes for _, nbytes in at_peak.values())
+    for what, (n, nbytes) in top[:rows]:
+        lines.append(f"| {what} | {n} | {nbytes / 2**20:.1f} | {nbytes / total:.1%} |")
+    if len(top) > rows:
+        rest = sum(nbytes for _, (_, nbytes) in top[rows:])
+        lines.append(f"| the other {len(top) - rows} | | {rest / 2**20:.1f} | {rest / total:.1%} |")
+    return "\n".join(lines)
+
+
 def report(r, b):
     m = r["mfu"]
     peak = "peak_memory_mb" in r["train"]["plain"]  # CUDA: a peak memory column
@@ -390,13 +501,20 @@ def report(r, b):
            f"{r['block_size']}, "
            f"median of {b.repeats} x {b.steps} steps", "",
            "| training | K | parameters | GFLOP/step (counted) | x plain | ms/step | x plain | "
-           "tokens/s | first steps s |" + peak_head,
-           "|---" * (9 + peak) + "|"]
+           "tokens/s | first steps s | peak MB (counted) | x plain |" + peak_head,
+           "|---" * (11 + peak) + "|"]
     for mode, t in r["train"].items():
         out.append(f"| {mode} | {t['think_steps']} | {t['params'] / 1e6:.2f}M | "
                    f"{t['flops_per_step'] / 1e9:.3f} | "
                    f"{t['flops_ratio']:.2f} | {t['ms_per_step']:.1f} | {t['time_ratio']:.2f} | "
-                   f"{t['tokens_per_s']:.0f} | {t['first_steps_s']:.1f} |" + peak_cell(t))
+                   f"{t['tokens_per_s']:.0f} | {t['first_steps_s']:.1f} | "
+                   f"{t['memory_bytes'] / 2**20:.1f} | {t['memory_ratio']:.2f} |" + peak_cell(t))
+    ran = [f"{mode} {t['flops_run_per_step'] / 1e9:.3f} "
+           f"({t['flops_run_per_step'] / t['flops_per_step'] - 1:+.1%})"
+           for mode, t in r["train"].items() if t["flops_run_per_step"] > 1.001 * t["flops_per_step"]]
+    if ran:
+        out += ["", "GFLOP/step that run, recomputation included (counted; model.Recompute): "
+                + ", ".join(ran)]
     out += ["", f"model FLOPs utilisation (plain): {m['achieved_flops'] / 1e9:.1f} GFLOP/s "
                 f"achieved "
             f"({m['flops_per_step'] / 1e9:.3f} GFLOP/step, counted) of a measured "
@@ -410,6 +528,9 @@ def report(r, b):
     if "profile" in r:
         for mode, table in r["profile"].items():
             out += ["", f"where a training step's time goes ({mode}):", table]
+        for mode, t in r["train"].items():
+            out += ["", f"where a training step's peak memory goes ({mode}; counted, eager):",
+                    memory_table(t["memory_at_peak"])]
         out += ["", f"where generating {PROFILED_TOKENS} tokens' time goes (the command's model, "
                     f"K={b.gen_think_steps}):", r["profile_generation"]]
     out += ["", "| generation (greedy, batch 1) | tokens/s | MFLOP/token (counted) | "

@@ -18,6 +18,7 @@ the replay buffer of EBT's warm starts and contrastive divergence (CD, PCD, fast
 """
 
 import math
+from contextlib import nullcontext
 from functools import partial
 
 import torch
@@ -300,19 +301,23 @@ def generate(model, idx, max_new_tokens, think, choose=pick, use_cache=True, com
     rebuilt from the most recent block_size // 2 tokens, so each rebuild buys block_size // 2 cheap
     steps and the context never drops below half a window. use_cache=False: each step reruns the
     last block_size tokens. compile: torch.compile the passes and the thinking; a token's step is
-    dozens of tiny kernels whose launch overhead dominates on CPU, and compiling fuses them.
+    dozens of tiny kernels whose launch overhead dominates on CPU, and compiling fuses them. A few
+    graphs compile once (the prompt's pass, single tokens, a full cache, a rebuilt one), none per
+    token or length; the transformer energy's dE/dp inside the graph, random starts as eager's.
     """
     product = model if isinstance(model, Experts) else Experts([model])
     forwards, logits = product.models, next_logits
     if compile:
         forwards = [torch.compile(m, dynamic=True) for m in product.models]
-        logits = torch.compile(next_logits)
+        # random starts from eager's generator: the same seed gives the same text compiled or not
+        logits = torch.compile(next_logits, options={"fallback_random": True})
     hs, caches = [None] * len(forwards), [None] * len(forwards)
     # inference mode skips autograd's bookkeeping of every small op (a tenth of a token's time); not
     # for the transformer energy, whose dE/dp needs autograd, which inference tensors (its caches)
-    # cannot enter, nor under a dispatch mode such as bench.py's FLOP counter (it would see nothing)
+    # cannot enter, nor under a dispatch mode such as bench.py's FLOP counter (it would see
+    # nothing); there no_grad alone (torch.inference_mode(False) would turn grad mode back on)
     fast = all(m.config.energy != "transformer" for m in product.models)
-    with torch.inference_mode(fast and not is_in_torch_dispatch_mode()):
+    with torch.inference_mode() if fast and not is_in_torch_dispatch_mode() else nullcontext():
         for _ in range(max_new_tokens):
             for i, (m, forward) in enumerate(zip(product.models, forwards)):  # each its own cache
                 hs[i], caches[i] = last_hidden(m, forward, idx, caches[i], use_cache)

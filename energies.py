@@ -13,6 +13,7 @@ candidate p; this module adds
 """
 
 import math
+from functools import partial
 
 import torch
 from torch.nn import functional as F
@@ -65,13 +66,18 @@ def transformer_energy(model, caches):
     in caches, computed once; each step runs only the candidate slots. dE/dp by autograd, with
     create_graph while gradients are on, so that the loss backpropagates through the step. While
     training with train.compile=true, every step's E and dE/dp come from compile_dE_dp, the steps
-    without gradients (S2's truncated ones, contrastive chains) too.
+    without gradients (S2's truncated ones, contrastive chains) too. Traced by torch.compile
+    (generate(compile=True)), dE/dp comes from torch.func.grad, which the graph can hold.
     """
 
     def energy(p, step=None):
         create_graph = torch.is_grad_enabled()
         if model.training and model.compiled_dE_dp is not None:  # compile_dE_dp
             dE_dp, E = model.compiled_dE_dp(p, caches, step)
+            return E, dE_dp
+        if torch.compiler.is_compiling():  # generate(compile=True): traced, where autograd.grad
+            # would break the graph at every think step
+            dE_dp, E = torch.func.grad(partial(energy_sum, model), has_aux=True)(p, caches, step)
             return E, dE_dp
         with torch.enable_grad():
             if not p.requires_grad:
@@ -94,14 +100,17 @@ def compile_dE_dp(model):
     float rounding (tests/test_ebt.py).
     """
 
-    def E_sum(p, caches, step):
-        E = model.candidate_energy(model.candidate_embedding(p), caches, step)  # (..., T)
-        return E.sum(), E
-
     # no persistent reductions: Triton 3.6 (torch 2.11) fails to build the fused softmax of the
     # candidate attention as one under bfloat16 on an H200 (docs/gpu.md); CPU code is unaffected
-    model.compiled_dE_dp = torch.compile(torch.func.grad(E_sum, has_aux=True),
+    model.compiled_dE_dp = torch.compile(torch.func.grad(partial(energy_sum, model), has_aux=True),
                                          options={"triton.persistent_reductions": False})
+
+
+def energy_sum(model, p, caches, step):
+    """The summed energy of candidates p and the energies (..., T) themselves: what torch.func.grad
+    differentiates for dE/dp (slot t's energy depends on p_t only)."""
+    E = model.candidate_energy(model.candidate_embedding(p), caches, step)
+    return E.sum(), E
 
 
 # the energies that depend on the candidate, by model.energy: ebm.make_energy builds them

@@ -12,6 +12,7 @@ carry most of it (docs/parity.md).
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Optional
 
 import torch
@@ -112,9 +113,15 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(ndim))
 
     def forward(self, x):
-        if x.element_size() < 4:  # the mean square in float32, not bfloat16
-            return F.rms_norm(x.float(), x.shape[-1:], eps=1e-5).type_as(x) * self.weight
-        return F.rms_norm(x, x.shape[-1:], self.weight, 1e-5)
+        return rms_norm(x, self.weight)
+
+
+def rms_norm(x, weight):
+    """RMSNorm's x / rms(x) * weight over the last dim, the mean square in float32 even for bfloat16
+    x."""
+    if x.element_size() < 4:
+        return F.rms_norm(x.float(), x.shape[-1:], eps=1e-5).type_as(x) * weight
+    return F.rms_norm(x, x.shape[-1:], weight, 1e-5)
 
 
 def rotary(head_size, length, base=10000.0):
@@ -192,8 +199,13 @@ class MLP(nn.Module):
         self.dropout = dropout(config.dropout)
 
     def forward(self, x):
-        gate, up = self.c_fc(x).chunk(2, dim=-1)
-        return self.dropout(self.c_proj(F.silu(gate) * up))
+        return self.dropout(self.c_proj(swiglu(self.c_fc(x))))
+
+
+def swiglu(gate_up):
+    """silu(gate) * up, gate and up the two halves of the last dim."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 class Block(nn.Module):
@@ -407,36 +419,67 @@ class GPT(nn.Module):
         rope = self.rope(L - Tc + 1, Tc)  # the slot for x_{t+1} sits where x_{t+1} would
         first = config.n_layer - (config.energy_layers or config.n_layer)
         for block, cache in zip(self.transformer.h[first:], caches[first:]):
-            c = c + candidate_attention(block.attn, block.ln_1(c), cache, rope)
-            c = c + block.mlp(block.ln_2(c))
-        c = self.transformer.ln_f(c)
+            c = candidate_block(block, c, cache, rope)
+        c = recomputed(rms_norm, c, self.transformer.ln_f.weight)
         with torch.autocast(c.device.type, enabled=False):  # the energy in float32, as energies()
             return self.energy_readout(c.to(self.energy_readout.weight.dtype)).squeeze(-1)
 
 
 # --------------------------------------------------------------------------------------------------
-# the transformer energy (EBT), continued: the candidate slots' attention, through a block's weights
+# the transformer energy (EBT), continued: a block on the candidate slots, their attention, and what
+# the double backward keeps
+#
+# Training differentiates dE/dp again (the loss reaches the weights through the think step), so
+# autograd would keep every intermediate tensor of each slot pass and of its backward, per layer and
+# per think step: the attention's (Tc, L) scores and weights three times over, and the elementwise
+# intermediates of the RMSNorms and the SwiGLU, most of an EBT step's memory (docs/speed.md). The
+# slots keep instead what their matmuls need (the inputs of c_attn, c_proj and c_fc, and in the
+# backward the gradients at their outputs) and recompute the rest, elementwise work and the
+# attention, in the backward and again in the double backward (Recompute): the same gradients, for
+# the attention's matmuls run again (an S1 step at the default shape runs 17% more FLOPs than its
+# math needs). Under torch.compile (train.compile, generate(compile=True)) the compiler chooses what
+# to keep itself.
+
+
+def candidate_block(block, c, cache, rope):
+    """A block on the candidate slots c (..., Tc, d): Block.forward with the slots' attention, and its
+    RMSNorms, SwiGLU and attention recomputed in the backward."""
+    x = recomputed(rms_norm, c, block.ln_1.weight)
+    c = c + candidate_attention(block.attn, x, cache, rope)
+    gate_up = block.mlp.c_fc(recomputed(rms_norm, c, block.ln_2.weight))
+    return c + block.mlp.dropout(block.mlp.c_proj(recomputed(swiglu, gate_up)))
 
 
 def candidate_attention(attn, x, cache, rope):
     """
     The attention of candidate slots x (..., Tc, C) for the last Tc positions of the cached observed
-    stream: the slot of position t sees observed keys 0..t and itself, nothing else. Written out (no
-    fused kernel) so that double backward works on every device. Leading dims of x broadcast over
-    the cache.
+    stream: the slot of position t sees observed keys 0..t and itself, nothing else. Leading dims of
+    x broadcast over the cache.
     """
     *lead, Tc, C = x.shape
-    hs = C // attn.n_head
-    qkv = attn.c_attn(x).view(*lead, Tc, 3 * attn.n_head, hs).transpose(-2, -3)
-    qk, v = qkv.split(2 * attn.n_head, dim=-3)  # (..., 2 nh, Tc, hs), (..., nh, Tc, hs)
+    qkv = attn.c_attn(x).view(*lead, Tc, 3 * attn.n_head, C // attn.n_head).transpose(-2, -3)
+    L = cache.length
+    K, V = cache.k[:, :, :L], cache.v[:, :, :L]  # (B, nh, L, hs) observed keys (turned) and values
+    y = recomputed(partial(slot_attention, rope=rope), qkv, K, V)  # (..., nh, Tc, hs)
+    y = y.transpose(-2, -3).reshape(*lead, Tc, C)
+    return attn.resid_dropout(attn.c_proj(y))
+
+
+def slot_attention(qkv, K, V, rope):
+    """
+    The slots' attention outputs (..., nh, Tc, hs) from their queries, keys and values qkv
+    (..., 3 nh, Tc, hs) and the observed keys and values K, V (B, nh, L, hs). Written out (no fused
+    kernel) so that double backward works on every device.
+    """
+    hs = qkv.size(-1)
+    qk, v = qkv.split(2 * qkv.size(-3) // 3, dim=-3)  # (..., 2 nh, Tc, hs), (..., nh, Tc, hs)
     q, k = rotate(qk, *rope).chunk(2, dim=-3)  # (..., nh, Tc, hs) each, at the slots' own positions
     # scaled here, not in the (Tc, L) scores: one big elementwise op fewer each way
     q = q / math.sqrt(hs)
-    L = cache.length
-    K, V = cache.k[:, :, :L], cache.v[:, :, :L]  # (B, nh, L, hs) observed keys (turned) and values
+    Tc, L = q.size(-2), K.size(-2)
     # the observed keys past t hidden; the scores at least in float32 (as softmax under autocast):
     # adding the float32 mask promotes bfloat16
-    hidden = torch.full((Tc, L), float("-inf"), device=x.device).triu(diagonal=L - Tc + 1)
+    hidden = torch.full((Tc, L), float("-inf"), device=q.device).triu(diagonal=L - Tc + 1)
     att_obs = q @ K.transpose(-2, -1) + hidden  # (..., nh, Tc, L)
     att_self = (q * k).sum(-1, keepdim=True).to(att_obs.dtype)  # (..., nh, Tc, 1)
     # softmax over [observed keys, itself] without concatenating the two: a cat and its slicing
@@ -445,6 +488,74 @@ def candidate_attention(attn, x, cache, rope):
     # the running max cancels out of the quotient: no gradient through it
     top = torch.maximum(att_obs.amax(-1, keepdim=True), att_self).detach()
     w_obs, w_self = (att_obs - top).exp(), (att_self - top).exp()
-    y = (w_obs @ V + w_self * v) / (w_obs.sum(-1, keepdim=True) + w_self)  # (..., nh, Tc, hs)
-    y = y.transpose(-2, -3).reshape(*lead, Tc, C)
-    return attn.resid_dropout(attn.c_proj(y))
+    return (w_obs @ V + w_self * v) / (w_obs.sum(-1, keepdim=True) + w_self)
+
+
+# False: autograd keeps every intermediate of the slots (bench.py counts FLOPs so: the model's math,
+# not its recomputation, as MFU counts model FLOPs)
+RECOMPUTE = True
+
+
+def recomputed(fn, *xs):
+    """fn(*xs) keeping only xs for the backward (Recompute); with RECOMPUTE off and under
+    torch.compile fn(*xs) itself."""
+    if not RECOMPUTE or torch.compiler.is_compiling():
+        return fn(*xs)
+    return Recompute.apply(fn, *xs)
+
+
+class Recompute(torch.autograd.Function):
+    """
+    y = fn(*xs) that keeps only its inputs xs for the backward, which runs fn again (activation
+    checkpointing), under the autocast of the forward. The backward is itself a Recompute, of fn's
+    vector-Jacobian product, so that a double backward keeps only xs and the output gradients too.
+    Like autograd, it differentiates only towards the inputs the running backward needs: dE/dp
+    needs no gradient at the observed keys and values.
+    """
+
+    @staticmethod
+    def forward(ctx, fn, *xs):
+        device = xs[0].device.type
+        ctx.fn = partial(autocast_like_now, device, torch.is_autocast_enabled(device),
+                         torch.get_autocast_dtype(device), fn)
+        ctx.save_for_backward(*xs)
+        return fn(*xs)
+
+    @staticmethod
+    def backward(ctx, *dys):
+        xs = ctx.saved_tensors
+        wrt = [i for i, x in enumerate(xs) if needed(x)]
+        grads = [None] * len(xs)
+        for i, g in zip(wrt, Recompute.apply(partial(vjp, ctx.fn, len(xs), wrt), *xs, *dys)):
+            grads[i] = g
+        return None, *grads
+
+
+def needed(x):
+    """Whether the running backward needs the gradient at x: x leads to what it differentiates (the
+    engine's own pruning, which torch.autograd.graph.register_multi_grad_hook asks too; of a leaf,
+    a weight, the engine cannot tell under autograd.grad: needed)."""
+    if not x.requires_grad or x.grad_fn is None:
+        return x.requires_grad
+    return torch._C._will_engine_execute_node(x.grad_fn)
+
+
+def autocast_like_now(device, enabled, dtype, fn, *xs):
+    """fn(*xs) under the autocast state (device, enabled, dtype) of a Recompute's forward."""
+    with torch.autocast(device, dtype=dtype, enabled=enabled):
+        return fn(*xs)
+
+
+def vjp(fn, n, wrt, *args):
+    """
+    The gradients at xs[i], i in wrt, of fn(*xs) weighted by dys, where xs = args[:n] and dys =
+    args[n:] (its vector-Jacobian product): differentiable in args while grad mode is on, as in a
+    Recompute's backward of it.
+    """
+    xs, dys = args[:n], args[n:]
+    differentiable = torch.is_grad_enabled()
+    with torch.enable_grad():
+        if not differentiable:
+            xs = [x.detach().requires_grad_() for x in xs]
+        return torch.autograd.grad(fn(*xs), [xs[i] for i in wrt], dys,
+                                   create_graph=differentiable, materialize_grads=True)

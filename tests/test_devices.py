@@ -433,3 +433,65 @@ def test_flop_count_sees_the_double_backward(one_thread, tmp_path):
 
     flops = {k: bench.counted_flops(lambda: step_with(k)) for k in (0, 2)}
     assert flops[2] > 3 * flops[0] > 0
+
+
+def test_memory_count_of_a_tensor_allocated_and_freed(one_thread):
+    """bench.MemoryCount: a (1000, 1000) float32 tensor allocated, viewed, changed in place and freed
+    gives a peak of 4,000,000 bytes and leaves 0; tensors made and dropped in turn never pile up."""
+    with bench.MemoryCount() as count:
+        a = torch.ones(1000, 1000)
+        b = a.view(-1)[10:]  # a view: the same storage
+        a.add_(1.0)  # in place: the same storage
+        del a, b
+    assert (count.peak, count.now) == (4_000_000, 0)
+    assert count.at_peak == {"ones (1000, 1000) float32": [1, 4_000_000]}
+    with bench.MemoryCount() as count:
+        for _ in range(10):
+            t = torch.ones(1000)  # the next is made while the last is alive
+    assert (count.peak, count.now) == (2 * 4000, 4000)
+    del t
+
+
+def test_memory_count_of_a_matmul_chain(one_thread):
+    """bench.MemoryCount of x @ w1 @ w2 with the intermediate dropped: the inputs (alive before,
+    counted once though read twice), the intermediate and the result at the peak; without the
+    intermediate after. With autograd the saved tensors count until the backward frees them, and
+    what a backward makes is named by its node."""
+    x, w1, w2 = torch.randn(100, 200), torch.randn(200, 300), torch.randn(300, 50)
+    inputs = (100 * 200 + 200 * 300 + 300 * 50) * 4
+    with bench.MemoryCount() as count:
+        y = x @ w1
+        z = y @ w2 + x[:, :50]
+        del y
+    # y (100 x 300), y @ w2 and z (100 x 50 each) alive at once
+    assert count.peak == inputs + (100 * 300 + 2 * 100 * 50) * 4
+    assert count.now == inputs + 100 * 50 * 4 and count.at_peak["alive before"] == [3, inputs]
+    w1.requires_grad_()
+    with bench.MemoryCount() as count:
+        loss = (x @ w1).exp().sum()  # exp keeps its (100 x 300) result for the backward
+        saved = count.now
+        loss.backward()
+        del loss
+    read = (100 * 200 + 200 * 300) * 4  # x and w1: the window does not read w2
+    assert saved == read + (100 * 300 + 1) * 4
+    assert count.now == read + 200 * 300 * 4  # w1.grad is what stays
+    assert "ExpBackward0: mul (100, 300) float32" in count.by_what  # a backward's, by its node
+
+
+def test_bench_counts_each_modes_peak_memory(one_thread, tmp_path):
+    """bench.py's training table counts each mode's peak tensor memory on CPU: at least the
+    parameters, their gradients and AdamW's two moments (4x the parameters' bytes), and EBT's step
+    (its think steps differentiated twice) above plain's; and its FLOPs as the math's, with what
+    EBT's recomputation adds beside."""
+    corpus = write_corpus(tmp_path / "corpus.txt", n_chars=5000)
+    cfg = compose_cfg("bench", TINY + [f"data.data_path={corpus}", "bench.modes=[plain,ebt]",
+                                       "bench.steps=1", "bench.repeats=1", "bench.warmup=0",
+                                       "bench.compile=false", "bench.dtypes=[]"])
+    train, *_ = bench.bench_training(cfg, cfg.bench)
+    for mode, t in train.items():
+        assert t["memory_bytes"] >= 4 * 4 * t["params"], mode
+    assert train["plain"]["memory_ratio"] == 1 and train["ebt"]["memory_ratio"] > 1.5
+    assert "alive before" in train["ebt"]["memory_at_peak"]
+    # the FLOPs counted are the math's; EBT's recomputation runs more
+    assert train["plain"]["flops_run_per_step"] == train["plain"]["flops_per_step"]
+    assert train["ebt"]["flops_run_per_step"] > 1.05 * train["ebt"]["flops_per_step"]

@@ -13,6 +13,7 @@ import ebm
 import energies
 import eval as eval_mod
 import engine
+import model as model_mod
 from conftest import assert_no_leak, free_energy_rule, make_model, perturb
 from helpers import TINY, TINY_MODEL, compose_cfg, read_metrics, run_sample, run_train, write_corpus
 from util import UserError
@@ -215,6 +216,81 @@ def test_compiled_dE_dp_trains_as_eager(recipe):
         for n, g in g_eager.items():
             assert (g_comp[n] - g).norm() <= 1e-5 * g.norm(), (dtype, n)
         assert comp == pytest.approx(eager, rel=rel), dtype
+
+
+@pytest.mark.slow
+def test_compiled_ebt_generation_equals_eager_and_compiles_once():
+    """generate(compile=True) with S1's model (noise starts, step embeddings, dE/dp by autograd
+    eagerly) gives eager's greedy tokens from the same seed, and generating more tokens compiles
+    nothing new: no graph per token or per cache length (1 layer, 32 wide, block 16)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()  # other tests' graphs neither count nor fill the recompile limit
+    model = perturb(make_model(dtype=torch.float32, n_layer=1, **S1)).eval()
+    idx = torch.randint(0, V, (1, 3), generator=torch.Generator().manual_seed(0))
+    think = partial(ebm.system2_logits, steps=2)
+
+    def generate(n, compile):
+        torch.manual_seed(0)
+        return ebm.generate(model, idx, n, think, compile=compile)
+
+    assert torch.equal(generate(3, True), generate(3, False))
+    graphs = counters["stats"]["unique_graphs"]
+    # up to 15 of the 16 positions: every cache length from 4 on
+    assert torch.equal(generate(12, True), generate(12, False))
+    assert counters["stats"]["unique_graphs"] == graphs > 0
+
+
+def recipe_loss(model, T=16):
+    """The training loss of one batch (B=2) of a recipe, its noise seeded."""
+    idx, targets = batch(T=T)
+    torch.manual_seed(5)
+    state = contrastive.ReplayState(model.config).to(model.energy_head.weight.dtype)
+    return ebm.total_loss(model.config, contrastive.losses(model, idx, targets, state))
+
+
+def written_out(monkeypatch):
+    """The candidate slots as autograd runs them without model.Recompute: every intermediate
+    kept for the (double) backward."""
+    monkeypatch.setattr(model_mod, "RECOMPUTE", False)
+
+
+@pytest.mark.parametrize("recipe", ["S1", "S2"])
+def test_recomputed_slots_give_the_written_out_gradients(recipe, monkeypatch):
+    """The candidate slots recomputed in the backward and double backward (model.Recompute) give
+    the parameter gradients of the written-out slots: within 1e-10 relative in float64, and S1's
+    within 1e-5 in float32 (S2's noisy steps amplify float32 rounding several times over)."""
+    dtypes = ((torch.float32, 1e-5),) if recipe == "S1" else ()
+    for dtype, rel in dtypes + ((torch.float64, 1e-10),):
+        model = perturb(make_model(dtype=dtype, **(S1 if recipe == "S1" else S2))).train()
+        params = list(model.parameters())
+        recomputed = torch.autograd.grad(recipe_loss(model), params, allow_unused=True)
+        with monkeypatch.context() as m:
+            written_out(m)
+            kept = torch.autograd.grad(recipe_loss(model), params, allow_unused=True)
+        for (n, _), a, b in zip(model.named_parameters(), recomputed, kept):
+            assert (a is None) == (b is None), n
+            if b is not None:
+                assert (a - b).norm() <= rel * b.norm(), (dtype, n)
+
+
+def test_recomputed_slots_keep_less_for_the_double_backward(monkeypatch):
+    """What an S1 loss keeps for its backward (the graph, beyond the weights) at block 64: under
+    0.6 of what the written-out slots keep (the attention's (T, T) scores and weights, the
+    RMSNorms' and SwiGLU's intermediates, forward and backward)."""
+    import bench
+
+    model = perturb(make_model(dtype=torch.float32, block_size=64, **S1)).train()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+
+    def kept():
+        with bench.MemoryCount() as count:
+            loss = recipe_loss(model, T=64)
+        return count.now - weights - loss.numel() * loss.element_size()
+
+    recomputed = kept()
+    written_out(monkeypatch)
+    assert 0 < recomputed < 0.6 * kept()
 
 
 # --------------------------------------------------------------------------------------------------
