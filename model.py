@@ -399,7 +399,7 @@ class GPT(nn.Module):
             return self.cand_proj(p)
         return p @ self.transformer.wte.weight
 
-    def candidate_energy(self, cand, caches, step=None):
+    def candidate_energy(self, cand, caches, step=None, recompute=False):
         """
         Scalar energies (..., Tc) of candidate embeddings cand (..., Tc, d) for the last Tc
         positions of the observed stream held in caches (its per-layer keys/values, computed once).
@@ -408,7 +408,9 @@ class GPT(nn.Module):
         itself. (Measured against a marker, x_t's position and the step as a prepended token:
         docs/parity.md.) With energy_layers = n > 0 the slots enter at the top n blocks only.
         step: the think step's index, for the step embedding; None and indices past the trained
-        steps read the last step's landscape (as EBT does for extra steps).
+        steps read the last step's landscape (as EBT does for extra steps). recompute: keep for the
+        backward only what the slots' matmuls need (Recompute), for a loss that differentiates
+        dE/dp again (training); off, autograd keeps it all, cheaper where one backward follows.
         """
         config = self.config
         Tc, L = cand.size(-2), caches[0].length
@@ -419,8 +421,8 @@ class GPT(nn.Module):
         rope = self.rope(L - Tc + 1, Tc)  # the slot for x_{t+1} sits where x_{t+1} would
         first = config.n_layer - (config.energy_layers or config.n_layer)
         for block, cache in zip(self.transformer.h[first:], caches[first:]):
-            c = candidate_block(block, c, cache, rope)
-        c = recomputed(rms_norm, c, self.transformer.ln_f.weight)
+            c = candidate_block(block, c, cache, rope, recompute)
+        c = recomputed(recompute, rms_norm, c, self.transformer.ln_f.weight)
         with torch.autocast(c.device.type, enabled=False):  # the energy in float32, as energies()
             return self.energy_readout(c.to(self.energy_readout.weight.dtype)).squeeze(-1)
 
@@ -441,26 +443,26 @@ class GPT(nn.Module):
 # to keep itself.
 
 
-def candidate_block(block, c, cache, rope):
-    """A block on the candidate slots c (..., Tc, d): Block.forward with the slots' attention, and its
-    RMSNorms, SwiGLU and attention recomputed in the backward."""
-    x = recomputed(rms_norm, c, block.ln_1.weight)
-    c = c + candidate_attention(block.attn, x, cache, rope)
-    gate_up = block.mlp.c_fc(recomputed(rms_norm, c, block.ln_2.weight))
-    return c + block.mlp.dropout(block.mlp.c_proj(recomputed(swiglu, gate_up)))
+def candidate_block(block, c, cache, rope, recompute=False):
+    """A block on the candidate slots c (..., Tc, d): Block.forward with the slots' attention; with
+    recompute its RMSNorms, SwiGLU and attention run again in the backward."""
+    x = recomputed(recompute, rms_norm, c, block.ln_1.weight)
+    c = c + candidate_attention(block.attn, x, cache, rope, recompute)
+    gate_up = block.mlp.c_fc(recomputed(recompute, rms_norm, c, block.ln_2.weight))
+    return c + block.mlp.dropout(block.mlp.c_proj(recomputed(recompute, swiglu, gate_up)))
 
 
-def candidate_attention(attn, x, cache, rope):
+def candidate_attention(attn, x, cache, rope, recompute=False):
     """
     The attention of candidate slots x (..., Tc, C) for the last Tc positions of the cached observed
     stream: the slot of position t sees observed keys 0..t and itself, nothing else. Leading dims of
-    x broadcast over the cache.
+    x broadcast over the cache. recompute: keep only its inputs for the backward.
     """
     *lead, Tc, C = x.shape
     qkv = attn.c_attn(x).view(*lead, Tc, 3 * attn.n_head, C // attn.n_head).transpose(-2, -3)
     L = cache.length
     K, V = cache.k[:, :, :L], cache.v[:, :, :L]  # (B, nh, L, hs) observed keys (turned) and values
-    y = recomputed(partial(slot_attention, rope=rope), qkv, K, V)  # (..., nh, Tc, hs)
+    y = recomputed(recompute, partial(slot_attention, rope=rope), qkv, K, V)  # (..., nh, Tc, hs)
     y = y.transpose(-2, -3).reshape(*lead, Tc, C)
     return attn.resid_dropout(attn.c_proj(y))
 
@@ -496,12 +498,12 @@ def slot_attention(qkv, K, V, rope):
 RECOMPUTE = True
 
 
-def recomputed(fn, *xs):
-    """fn(*xs) keeping only xs for the backward (Recompute); with RECOMPUTE off and under
+def recomputed(on, fn, *xs):
+    """fn(*xs), keeping only xs for the backward if on (Recompute); with RECOMPUTE off and under
     torch.compile fn(*xs) itself."""
-    if not RECOMPUTE or torch.compiler.is_compiling():
-        return fn(*xs)
-    return Recompute.apply(fn, *xs)
+    if on and RECOMPUTE and not torch.compiler.is_compiling():
+        return Recompute.apply(fn, *xs)
+    return fn(*xs)
 
 
 class Recompute(torch.autograd.Function):
