@@ -439,8 +439,9 @@ class GPT(nn.Module):
 # backward the gradients at their outputs) and recompute the rest, elementwise work and the
 # attention, in the backward and again in the double backward (Recompute): the same gradients, for
 # the attention's matmuls run again (an S1 step at the default shape runs 17% more FLOPs than its
-# math needs). Under torch.compile (train.compile, generate(compile=True)) the compiler chooses what
-# to keep itself.
+# math needs). Only where a loss differentiates dE/dp again (recompute: the transformer energy's
+# create_graph); where one backward follows (generation, evaluation) autograd's graph is cheaper.
+# Under torch.compile (train.compile, generate(compile=True)) the compiler chooses what to keep.
 
 
 def candidate_block(block, c, cache, rope, recompute=False):
