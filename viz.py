@@ -53,6 +53,9 @@ class VizConfig:
     # the best loss possible on the scored text (e.g. corpora.py's optimum under eval.py's windows):
     # the trend table gives each arm's excess over it (null: no such column)
     trend_optimum: Optional[float] = None
+    # the gap slope is also fitted over the budgets of at least this many tokens alone (0: only over
+    # every budget), e.g. where both arms are past their first steps' warm-up
+    trend_fit_from: int = 0
     out_dir: str = "assets"
     # steps drawn in think_descent.png; candidates.png shows the model's think_steps
     think_steps: int = 16
@@ -213,10 +216,11 @@ def read_off(points, arm, tokens):
     return (1 - w) * mean[lo] + w * mean[hi]
 
 
-def trend_markdown(base, other, rows, points=(), flops_ratio=0.0, optimum=None):
+def trend_markdown(base, other, rows, points=(), flops_ratio=0.0, optimum=None, fit_from=0):
     """trend_rows as a markdown table, one row per budget; with flops_ratio, the base arm at the
     other's counted FLOPs (read off its curve) and the other arm's gap to it; with optimum, each
-    arm's mean excess over it."""
+    arm's mean excess over it; then the gap's slope against log tokens, over every budget and,
+    with fit_from, over the budgets of at least fit_from tokens."""
     cells = [[f"{r['tokens']:,}", f"{r['epochs']:.2f}", r["steps"], len(r["seeds"]),
               ", ".join(f"{x:.4f}" for x in r[base]), ", ".join(f"{x:.4f}" for x in r[other]),
               ", ".join(f"{g:+.4f}" for g in r["gaps"]), f"{r['gap']:+.4f} ± {r['gap_se']:.4f}"]
@@ -232,13 +236,19 @@ def trend_markdown(base, other, rows, points=(), flops_ratio=0.0, optimum=None):
         head += [f"{base} excess", f"{other} excess"]
         for r, row in zip(rows, cells):
             row += [f"{statistics.mean(r[arm]) - optimum:+.4f}" for arm in (base, other)]
-    slope, se = gap_slope(rows)
-    return "\n".join(table(None, head, cells) + [
-        "", f"gap slope: {slope:+.4f} ± {se:.4f} nats per decade of tokens (least squares over "
-            "every seed's gap against log10 tokens, ± one standard error)"])
+    fits = [("every budget", rows)]
+    if fit_from:
+        fits.append((f"the budgets of {fit_from:,} tokens and more",
+                      [r for r in rows if r["tokens"] >= fit_from]))
+    lines = [""]
+    for name, chosen in fits:
+        slope, se = gap_slope(chosen)
+        lines.append(f"gap slope over {name}: {slope:+.4f} ± {se:.4f} nats per decade of tokens "
+                     "(least squares over each seed's gap against log10 tokens, ± one standard error)")
+    return "\n".join(table(None, head, cells) + lines)
 
 
-def plot_trend(plt, points, path, flops_ratio=0.0, optimum=None):
+def plot_trend(plt, points, path, flops_ratio=0.0, optimum=None, fit_from=0):
     """trend.png: val loss per run and arm (left), the gap per seed and its mean ± one standard
     error (right), against training tokens on a log axis; prints the table."""
     base, other, rows = trend_rows(points)
@@ -269,7 +279,7 @@ def plot_trend(plt, points, path, flops_ratio=0.0, optimum=None):
     left.legend(fontsize=7)
     save(plt, fig, right, path, "training tokens", "gap in val loss (nats)",
          "the gap against training tokens")
-    print(trend_markdown(base, other, rows, points, flops_ratio, optimum))
+    print(trend_markdown(base, other, rows, points, flops_ratio, optimum, fit_from))
 
 
 @torch.no_grad()
@@ -501,7 +511,7 @@ def visualise(cfg: VizConfig):
             written.append(out / "chains.png")
     if cfg.trend:
         plot_trend(plt, trend_points(cfg.trend), out / "trend.png", cfg.trend_flops_ratio,
-                   cfg.trend_optimum)
+                   cfg.trend_optimum, cfg.trend_fit_from)
         written.append(out / "trend.png")
     if cfg.metrics:
         plot_energy_gap(plt, cfg.metrics, out / "energy_gap.png")

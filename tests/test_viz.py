@@ -106,3 +106,18 @@ def test_trend_reads_the_baseline_off_its_curve_at_equal_flops_and_gives_the_exc
     base, other, rows = viz.trend_rows(points)
     table = viz.trend_markdown(base, other, rows, points, flops_ratio=10 ** 0.5, optimum=1.0)
     assert "| 1.7500 | +0.4500 | +1.0000 | +1.2000 |" in table
+
+
+def test_trend_fits_the_slope_again_from_a_budget_on():
+    """fit_from refits the gap slope over the budgets from that many tokens on: a first budget far
+    off the line moves the fit over every budget, not the one from the second budget on."""
+    points = []
+    for k, gap in ((3, 0.9), (4, 0.1), (5, 0.05), (6, 0.0)):
+        for seed in (1, 2):
+            common = {"tokens": 10 ** k, "seed": seed, "epochs": 0.1, "steps": 1, "se": 0.01}
+            points += [{**common, "arm": "plain", "loss": 1.5},
+                       {**common, "arm": "EBT", "loss": 1.5 + gap}]
+    base, other, rows = viz.trend_rows(points)
+    lines = viz.trend_markdown(base, other, rows, points, fit_from=10 ** 4).splitlines()
+    assert lines[-2].startswith("gap slope over every budget: -0.2")
+    assert lines[-1].startswith("gap slope over the budgets of 10,000 tokens and more: -0.0500 ± 0.0000")
