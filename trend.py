@@ -53,7 +53,7 @@ class TrendConfig:
     # training steps of block_size x batch_size characters, both arms, each with every seed
     budgets: List[int] = field(default_factory=lambda: [62, 125, 250, 500, 1000, 2000, 4000])
     # the plain arm alone at these budgets too: its curve up to EBT's counted FLOPs at the largest budget
-    flops_budgets: List[int] = field(default_factory=lambda: [8000, 16000, 20000])
+    flops_budgets: List[int] = field(default_factory=lambda: [8000, 20000])
     seeds: List[int] = field(default_factory=lambda: [1337, 1338])
     block_size: int = 64
     batch_size: int = 16
