@@ -89,13 +89,12 @@ def train_and_score(cfg, arm, steps, seed, threads):
     data, max_tokens = CORPORA[cfg.corpus]
     lr = cfg.plain_lr if arm == "plain" else cfg.ebt_lr
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TORCHINDUCTOR_COMPILE_THREADS": str(threads)}
-    commands = [[
+    train = [
         "train.py", *data, f"data.block_size={cfg.block_size}", f"data.batch_size={cfg.batch_size}",
         *ARMS[arm], f"train.learning_rate={lr}", f"train.min_lr={lr / 10}", f"train.max_steps={steps}",
         f"train.warmup_steps={min(100, int(0.4 * steps))}", f"train.seed={seed}", f"out_dir={out}",
-        *cfg.train_args, *(["train.resume=true"] if (out / "ckpt.pt").exists() else [])]]
-    if (out / "final.pt").exists():
-        commands = []
+        *cfg.train_args, *(["train.resume=true"] if (out / "ckpt.pt").exists() else [])]
+    commands = [] if (out / "final.pt").exists() else [train]  # a trained run is only scored
     commands.append(["eval.py", f"checkpoint={out / 'final.pt'}", f"max_tokens={max_tokens}",
                      "sweep=[0,2]", "samples=[1]", "epsilons=[]", "chain_steps=[]", "sweep_only=true"])
     for command in commands:
