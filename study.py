@@ -26,6 +26,7 @@ import dyck
 from checkpoints import load_model
 from data import REPO, load_text
 from util import UserError, check_overrides, pick_device, run
+from viz import pyplot
 
 # what each arm adds to the training overrides of its size (StudyConfig)
 ARMS = {
@@ -167,12 +168,8 @@ def primary(r):
 def plot(results, path):
     """Exact match against the depth bins, one line per arm (its own prediction, the mean over
     seeds), shaded from the lowest to the highest seed's 95% interval."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         print("study.png not written: matplotlib is missing (run with `uv run --extra plots "
               "study.py`)")
         return False

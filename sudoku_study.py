@@ -36,6 +36,7 @@ from engine import TrainConfig, get_lr
 from grid import GridConfig, GridNet, loss, solve
 from stats import bootstrap_means
 from util import UserError, check_overrides, run
+from viz import pyplot
 
 ARMS = ("onepass", "onepass_deep", "ebt")
 
@@ -331,11 +332,8 @@ def markdown(report):
 def plot(report, out):
     """study_givens.png (solve rate per bin, one line per row of the table, 95% intervals of the
     first seed shaded) and study_steps.png (ebt's solve rate against K, one line per bin)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         print("no matplotlib: plots skipped (uv run --extra plots sudoku_study.py draws them)")
         return
     bins = list(next(iter(report["runs"].values()))["test"])

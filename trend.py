@@ -112,7 +112,9 @@ def trend(cfg: TrendConfig):
         raise UserError(f"corpus must be one of {list(CORPORA)}, got {cfg.corpus!r}")
     if not cfg.seeds or not cfg.budgets or min(cfg.budgets + cfg.flops_budgets) < 1 or cfg.workers < 1:
         raise UserError("budgets and seeds must be non-empty, every budget >= 1 step, workers >= 1")
-    threads = max(1, (os.cpu_count() or 1) // cfg.workers)
+    # the cores this process may use (Linux counts a `taskset` limit), shared between the workers
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = max(1, cores // cfg.workers)
     with ThreadPoolExecutor(cfg.workers) as pool:  # each worker waits on its own subprocesses
         evals = list(pool.map(lambda r: train_and_score(cfg, *r, threads), runs(cfg)))
     out = Path(cfg.out_dir).resolve() / cfg.corpus
