@@ -10,7 +10,8 @@ options]`.
    interleaved (plain, linear, ..., plain, linear, ...) so that a noisy machine slows all alike;
    the median of bench.repeats windows. Ratios are
    against plain, both counted and timed. With train.compile=true every mode trains compiled
-   (engine.compiled).
+   (engine.compiled) and, with bench.also_eager (the default), eager beside it in the same
+   interleaving (rows "ebt eager": ratios against "plain eager").
 2. Model FLOPs utilisation: plain's counted FLOP/s as a fraction of a matmul peak measured here in
    train.dtype, on the same machine, a moment before.
 3. Training tokens/s of the command's model (the config as composed, no mode applied) in float32
@@ -81,6 +82,8 @@ class BenchConfig:
     gen_tokens: int = 256  # tokens per generation measurement
     # also time compiled training and generation (compiling takes a while, once)
     compile: bool = True
+    # with train.compile=true, time each mode eager too, beside its compiled steps
+    also_eager: bool = True
     # mixed precision timed against float32
     dtypes: List[str] = field(default_factory=lambda: ["bfloat16"])
     # print torch.profiler tables of each mode's training steps and of the command's model generating
@@ -285,7 +288,8 @@ def bench_training(cfg, b):
     number of think steps; the model's math, model.RECOMPUTE off), then over b.steps more steps
     the peak bytes of live tensors (MemoryCount) and the FLOPs that run (recomputation included),
     and ms/step, the modes interleaved, compiled with train.compile (the FLOPs and bytes are
-    counted eager first: compiled kernels bypass the dispatcher); ratios against plain.
+    counted eager first: compiled kernels bypass the dispatcher), then with bench.also_eager each
+    mode eager too ("ebt eager"); ratios against plain (compiled or eager as the row).
     Returns the table, each mode's setting (its objective, optimizer and config) and model, the
     data, the batches and the device."""
     settings, models, flops, flops_run, memory, batches = {}, {}, {}, {}, {}, None
@@ -317,18 +321,30 @@ def bench_training(cfg, b):
         flops_run[mode] = ran.flops / len(batches)
         settings[mode] = (Objective(compiled(model, c), run.state), optimizer, c)
         models[mode] = model
+        if c.train.compile and b.also_eager:
+            settings[f"{mode} eager"] = eager_setting(c)
     out = interleaved(settings, batches, b, device)
-    for mode, t in out.items():
-        t.update({"think_steps": settings[mode][2].model.think_steps,
+    for name, t in out.items():
+        mode, eager = name.removesuffix(" eager"), name.endswith(" eager")
+        t.update({"think_steps": settings[name][2].model.think_steps,
                   "params": models[mode].num_params(),
                   "flops_per_step": flops[mode], "flops_run_per_step": flops_run[mode],
                   "memory_bytes": memory[mode][0],
                   "memory_at_peak": memory[mode][1]})
-    for t in out.values():
-        t["flops_ratio"] = t["flops_per_step"] / out["plain"]["flops_per_step"]
-        t["memory_ratio"] = t["memory_bytes"] / out["plain"]["memory_bytes"]
-        t["time_ratio"] = t["ms_per_step"] / out["plain"]["ms_per_step"]
+        base = out["plain eager" if eager else "plain"]  # each against plain, compiled or not
+        t["flops_ratio"] = t["flops_per_step"] / base["flops_per_step"]
+        t["memory_ratio"] = t["memory_bytes"] / base["memory_bytes"]
+        t["time_ratio"] = t["ms_per_step"] / base["ms_per_step"]
     return out, settings, models, data, batches, device
+
+
+def eager_setting(cfg):
+    """A mode's eager setting beside its compiled one: a model of its own (compiled() gave the
+    other a compiled dE/dp, which its eager calls would take too), the same initial weights."""
+    cfg = copy.deepcopy(cfg)
+    cfg.train.compile = False
+    run = setup(cfg)
+    return Objective(run.model, run.state), run.optimizer, cfg
 
 
 def bench_variants(cfg, b, batches, device):

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import signal
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -62,11 +63,11 @@ def train_processes(cfg: RunConfig, procs: Processes):
             if step % t.eval_interval == 0 or last:
                 val, val_s1 = evaluate(run.model, run.data, cfg, run.device, procs)
                 check_finite(val, "val loss", f"at step {step}", cfg.out_dir)
-                log.eval(step, val, val_s1, lr, time.time() - t_start)
                 if val < best_val:  # val is the same on every process: they agree
                     best_val = val
                     ckpts.save("best.pt", step, best_val, time.time() - t_start)
                 ckpts.save("ckpt.pt", step, best_val, time.time() - t_start)
+                log.eval(step, val, val_s1, lr, time.time() - t_start)
         ckpts.save("final.pt", step, best_val, time.time() - t_start)
     finally:
         # the DDP wrapper goes before its process group (train() destroys that next): a reducer
@@ -75,8 +76,8 @@ def train_processes(cfg: RunConfig, procs: Processes):
         log.close()
         stop.restore()
     if procs.master:
-        print(f"done: {step} steps in {time.time() - t_start:.1f}s, best val loss {best_val:.4f}, "
-              f"saved {ckpts.dir / 'final.pt'}{peak_gpu_memory(run.device)}")
+        print(f"done: {step} steps in {time.time() - t_start:.1f}s{log.step_time()}, best val loss "
+              f"{best_val:.4f}, saved {ckpts.dir / 'final.pt'}{peak_gpu_memory(run.device)}")
     return best_val
 
 
@@ -124,11 +125,13 @@ def wrap(run, cfg: RunConfig, procs):
 
 class Log:
     """The training losses summed since the last eval (tensors), the progress bar,
-    out_dir/metrics.jsonl (one JSON object per eval) and wandb; rank 0 writes."""
+    out_dir/metrics.jsonl (one JSON object per eval) and wandb; rank 0 writes. It times the
+    training steps between log lines, evaluations and checkpoints excluded: what a step costs."""
 
     def __init__(self, cfg: RunConfig, procs, step):
         self.cfg, self.procs, self.master, self.wandb = cfg, procs, procs.master, None
-        self.sums, self.n_sum, self.t_log = {}, 0, time.time()
+        self.sums, self.n_sum, self.t_log, self.step_log = {}, 0, time.time(), step
+        self.step_seconds = []  # per log interval: seconds per training step
         self.bar = tqdm(total=cfg.train.max_steps, initial=step, dynamic_ncols=True, desc="train",
                         disable=not self.master)
         mode = "a" if cfg.train.resume else "w"
@@ -146,9 +149,11 @@ class Log:
         """The mean training loss since the last eval on the bar (a sync), checked for NaN."""
         train_loss = self.procs.mean(self.sums["train_loss"]).item() / self.n_sum
         check_finite(train_loss, "training loss", f"before step {step}", self.cfg.out_dir)
-        t, d = self.cfg.train, self.cfg.data
-        tokens = t.log_interval * d.batch_size * t.grad_accum_steps * d.block_size
-        tokens_per_s, self.t_log = tokens / (time.time() - self.t_log), time.time()
+        d, now = self.cfg.data, time.time()
+        seconds = (now - self.t_log) / (step - self.step_log)  # the sync above ended the steps
+        self.step_seconds.append(seconds)
+        self.t_log, self.step_log = now, step
+        tokens_per_s = d.batch_size * self.cfg.train.grad_accum_steps * d.block_size / seconds
         self.bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
         self.bar.update(step - self.bar.n)
 
@@ -167,6 +172,13 @@ class Log:
                 self.wandb.log(row, step=row["step"])
             self.bar.write(f"step {row['step']}: train {row['train_loss']:.4f}, "
                            f"val {row['val_loss']:.4f} (System 1 {row['val_loss_s1']:.4f})")
+        self.t_log, self.step_log = time.time(), step  # the next interval times training only
+
+    def step_time(self):
+        """' (X ms a training step)': the median over the log intervals, the first left out when
+        there are others (it compiles, with train.compile); nothing before the first log line."""
+        times = self.step_seconds[1:] or self.step_seconds
+        return f" ({1000 * statistics.median(times):.1f} ms a training step)" if times else ""
 
     def close(self):
         self.bar.close()

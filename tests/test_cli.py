@@ -149,7 +149,7 @@ def test_seed_default_training_command_as_subprocess(tmp_path):
     script, overrides = seed_argv(SEED_TRAIN[0])
     r = cli(["python", script, *overrides, *FAST, f"out_dir={tmp_path / 'out'}"], uv=True, cwd=REPO)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "done: 2 steps" in r.stdout
+    assert "done: 2 steps" in r.stdout and "ms a training step" in r.stdout
     assert (tmp_path / "out" / "final.pt").is_file()
 
 

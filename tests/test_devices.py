@@ -495,3 +495,24 @@ def test_bench_counts_each_modes_peak_memory(one_thread, tmp_path):
     # the FLOPs counted are the math's; EBT's recomputation runs more
     assert train["plain"]["flops_run_per_step"] == train["plain"]["flops_per_step"]
     assert train["ebt"]["flops_run_per_step"] > 1.05 * train["ebt"]["flops_per_step"]
+
+
+@pytest.mark.slow
+def test_bench_times_compiled_and_eager_side_by_side(one_thread, tmp_path):
+    """With train.compile=true bench.py times every mode compiled and eager in one interleaving: the
+    eager rows run a model with no compiled parts, and each row's time ratio is against the plain
+    step of its own kind."""
+    corpus = write_corpus(tmp_path / "corpus.txt", n_chars=5000)
+    cfg = compose_cfg("bench", TINY + [f"data.data_path={corpus}", "bench.modes=[plain,ebt]",
+                                       "bench.steps=1", "bench.repeats=1", "bench.warmup=1",
+                                       "bench.compile=false", "bench.dtypes=[]",
+                                       "train.compile=true"])
+    train, settings, *_ = bench.bench_training(cfg, cfg.bench)
+    assert list(train) == ["plain", "plain eager", "ebt", "ebt eager"]
+    compiled_model = settings["ebt"][0].model
+    assert compiled_model._orig_mod.compiled_dE_dp is not None  # torch.compile's wrapper
+    eager_model = settings["ebt eager"][0].model
+    assert not hasattr(eager_model, "_orig_mod") and eager_model.compiled_dE_dp is None
+    for row, base in (("ebt", "plain"), ("ebt eager", "plain eager")):
+        assert train[row]["time_ratio"] == pytest.approx(train[row]["ms_per_step"]
+                                                         / train[base]["ms_per_step"])
