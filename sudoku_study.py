@@ -47,7 +47,8 @@ class SudokuStudyConfig:
     train_path: str = "sudoku_train.txt"
     test_path: str = "sudoku_test.txt"
     arms: List[str] = field(default_factory=lambda: list(ARMS))
-    lrs: List[float] = field(default_factory=lambda: [1e-3, 2e-3, 4e-3])
+    # four: with three (to 4e-3) every arm was best at the highest
+    lrs: List[float] = field(default_factory=lambda: [1e-3, 2e-3, 4e-3, 8e-3])
     seeds: List[int] = field(default_factory=lambda: [1337, 1338])  # the second: the best lr only
     n_layer: int = 4
     n_head: int = 4
@@ -210,6 +211,22 @@ def step_flops(cfg, arm, layers=None):
     return counted_flops(lambda: loss(net, *batch).backward())
 
 
+def solve_flops(cfg, layers):
+    """Counted FLOPs to solve one puzzle at test (grid.solve on a batch of test puzzles, per
+    puzzle): each one-pass arm, and ebt at the trained K with one start and at the longest K with
+    the most starts."""
+    givens = sudoku.load(cfg.test_path, unique=False)[0][: cfg.batch_size]
+    out = {}
+    for name, arm, n_layer, think in (
+            ("onepass", "onepass", cfg.n_layer, {}), ("onepass_deep", "onepass", layers, {}),
+            (f"ebt K={cfg.think_steps} M=1", "ebt", cfg.n_layer, {}),
+            (f"ebt K={max(cfg.steps)} M={max(cfg.starts)}", "ebt", cfg.n_layer,
+             {"steps": max(cfg.steps), "starts": max(cfg.starts)})):
+        net = GridNet(grid_config(cfg, arm, n_layer)).eval()
+        out[name] = counted_flops(lambda: solve(net, givens, **think)) / len(givens)
+    return out
+
+
 def matched_layers(cfg):
     """onepass_deep's layers: deep_layers, or the count whose counted FLOPs per step come nearest
     ebt's."""
@@ -266,7 +283,7 @@ def study(cfg: SudokuStudyConfig):
     results.update(run_all(cfg, [(a, arm_layers[a], best[a], s) for a in cfg.arms
                                  for s in cfg.seeds], sweeps=True))
     report = {"config": OmegaConf.to_container(OmegaConf.structured(cfg)), "flops_per_step": flops,
-              "deep_layers": layers, "best_lr": best,
+              "flops_per_puzzle": solve_flops(cfg, layers), "deep_layers": layers, "best_lr": best,
               "runs": {run_name(a, *rest): r for (a, _, *rest), r in results.items()}}
     out = Path(cfg.out_dir)
     (out / "study.json").write_text(json.dumps(report, indent=1))
@@ -313,8 +330,10 @@ def markdown(report):
     """The tables: solve rate and cell accuracy per bin for every arm; ebt against K and M."""
     bins = list(next(iter(report["runs"].values()))["test"])
     head = "| arm | " + " | ".join(bins) + " |\n|---|" + "---|" * len(bins) + "\n"
-    out = [f"counted FLOPs per training step: {report['flops_per_step']}; onepass_deep: "
-           f"{report['deep_layers']} layers\n"]
+    train = ", ".join(f"{k} {v / 1e9:.2f}" for k, v in (report["flops_per_step"] or {}).items())
+    test = ", ".join(f"{k} {v / 1e6:.1f}" for k, v in report["flops_per_puzzle"].items())
+    out = [f"onepass_deep: {report['deep_layers']} layers. Counted GFLOP per training step: "
+           f"{train or 'not counted (deep_layers set)'}; MFLOP to solve a puzzle: {test}\n"]
     for key, title in (("solve", "solve rate"), ("cells", "cell accuracy (blank cells)")):
         out.append(f"\n{title}, mean of the seeds (each seed):\n\n" + head)
         for name, per_seed in rows(report):

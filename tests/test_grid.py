@@ -124,6 +124,8 @@ def test_study_runs_every_arm_and_resumes(tmp_path):
     report = sudoku_study.study(compose_cfg("sudoku_study", args))
     assert len(report["runs"]) == 3 * 2 + 3  # every arm at both lrs, the best at seed 1338
     assert report["deep_layers"] >= 1 and report["flops_per_step"]["ebt"] > report["flops_per_step"]["onepass"]
+    solving = report["flops_per_puzzle"]  # thinking costs more at test, longer and wider more still
+    assert solving["onepass"] < solving["ebt K=2 M=1"] < solving["ebt K=2 M=2"]
     ebt = [r for r in report["runs"].values() if r["arm"] == "ebt"]
     assert all(set(r["test"]) == {"in_distribution", "givens_15_17", "givens_12_14", "givens_9_11"}
                for r in ebt)
