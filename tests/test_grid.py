@@ -99,6 +99,19 @@ def test_self_verification_keeps_the_lowest_energy_and_the_oracle_a_verified_gri
     assert (solve(net, givens)[givens > 0] == givens[givens > 0]).all()  # givens kept
 
 
+def test_scoring_in_chunks_scores_every_puzzle_as_one_batch_would(monkeypatch):
+    """sudoku_study.score solves at most GRIDS candidate grids at once: in chunks it gives each
+    puzzle the figures it gets in one batch (the one-pass arm: no noise to draw)."""
+    net = make_net(energy=False).eval()
+    givens, solutions = batch(7)
+    whole = sudoku_study.score(net, givens, solutions)
+    monkeypatch.setattr(sudoku_study, "GRIDS", 3)  # chunks of 3, 3 and 1 puzzles
+    chunked = sudoku_study.score(net, givens, solutions)
+    assert torch.equal(chunked["solved"], whole["solved"])
+    assert torch.allclose(chunked["cells"], whole["cells"])
+    assert whole["cells"].min() < 1  # an untrained net: the figures differ between puzzles
+
+
 def test_onepass_learns_a_batch():
     """The one-pass arm's loss on a fixed batch falls with training."""
     net = make_net(energy=False).train()
