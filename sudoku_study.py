@@ -354,21 +354,24 @@ def markdown(report):
 
 
 def plot(report, out):
-    """study_givens.png (solve rate per bin, one line per row of the table, 95% intervals of the
-    first seed shaded) and study_steps.png (ebt's solve rate against K, one line per bin)."""
+    """study_givens.png (solve rate per bin, one line per row of the table) and study_steps.png
+    (ebt's solve rate against K, one line per bin): the mean of the seeds, the seeds' range
+    shaded (between seeds the solve rate moves far more than a bootstrap over puzzles says)."""
     plt = pyplot()
     if plt is None:
         print("no matplotlib: plots skipped (uv run --extra plots sudoku_study.py draws them)")
         return
     bins = list(next(iter(report["runs"].values()))["test"])
+
+    def draw(ax, xs, per_x, label):  # per_x: for each x, the seeds' solve rates
+        ax.plot(xs, [sum(v) / len(v) for v in per_x], marker="o", label=label)
+        ax.fill_between(xs, [min(v) for v in per_x], [max(v) for v in per_x], alpha=0.15)
+
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, per_seed in rows(report):
-        means = [sum(s[b]["solve"][0] for s in per_seed) / len(per_seed) for b in bins]
-        ax.plot(bins, means, marker="o", label=name)
-        ax.fill_between(bins, [per_seed[0][b]["solve"][1] for b in bins],
-                        [per_seed[0][b]["solve"][2] for b in bins], alpha=0.15)
+        draw(ax, bins, [[s[b]["solve"][0] for s in per_seed] for b in bins], name)
     ax.set(xlabel="test bin (givens)", ylabel="puzzles solved", ylim=(0, 1))
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     fig.savefig(out / "study_givens.png", dpi=120)
     ebt = best_runs(report).get("ebt")
@@ -376,9 +379,10 @@ def plot(report, out):
         fig, ax = plt.subplots(figsize=(6, 4))
         ks = list(ebt[0]["by_steps"])
         for b in bins:
-            ax.plot([int(k) for k in ks], [ebt[0]["by_steps"][k][b]["solve"][0] for k in ks],
-                    marker="o", label=b)
-        ax.set(xscale="log", xlabel="think steps K at test", ylabel="puzzles solved", ylim=(0, 1))
+            draw(ax, [int(k) for k in ks], [[r["by_steps"][k][b]["solve"][0] for r in ebt]
+                                            for k in ks], b)
+        ax.set(xscale="log", xlabel="think steps K at test (trained: "
+               f"{report['config']['think_steps']})", ylabel="puzzles solved", ylim=(0, 1))
         ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / "study_steps.png", dpi=120)
