@@ -51,7 +51,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
-import model as model_mod
 from ebm import generate, system2_logits
 from engine import (DTYPES, Objective, RunConfig, check_dtype, compiled, grad_scaler, setup,
                     train_step)
@@ -285,7 +284,7 @@ def interleaved(settings, batches, b, device):
 
 def bench_training(cfg, b):
     """Per mode: counted FLOPs per training step (the mean over b.steps steps: EBT's S2 draws its
-    number of think steps; the model's math, model.RECOMPUTE off), then over b.steps more steps
+    number of think steps; the model's math, model.recompute off), then over b.steps more steps
     the peak bytes of live tensors (MemoryCount) and the FLOPs that run (recomputation included),
     and ms/step, the modes interleaved, compiled with train.compile (the FLOPs and bytes are
     counted eager first: compiled kernels bypass the dispatcher), then with bench.also_eager each
@@ -308,11 +307,11 @@ def bench_training(cfg, b):
                 train_step(objective, optimizer, x, y, c)
 
         # the model's FLOPs: its math, without the candidate slots' recomputation (as MFU counts)
-        model_mod.RECOMPUTE = False
+        recompute, model.config.recompute = model.config.recompute, False
         try:
             flops[mode] = counted_flops(steps) / len(batches)
         finally:
-            model_mod.RECOMPUTE = True
+            model.config.recompute = recompute
         # eager, as the FLOPs; after the first steps, so that AdamW's state exists, as in a run;
         # and the FLOPs that run, recomputation included
         with FlopCount() as ran, MemoryCount() as kept:

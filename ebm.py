@@ -337,11 +337,14 @@ def last_hidden(model, forward, idx, caches, use_cache):
     """One expert's hidden state (B, 1, d) of the last token of idx and its caches: a single-token
     pass while the cache has room, else a fresh cache over the recent tokens (see generate)."""
     bs = model.config.block_size
+    # a copy with strides of its own: a slice's row stride is idx's length, which a compiled pass
+    # would guard on, compiling again as idx grows (.contiguous() keeps a (B, 1) slice's)
+    fresh = partial(torch.clone, memory_format=torch.contiguous_format)
     if use_cache and caches is not None and caches[0].length < bs:
-        return forward(idx[:, -1:], caches), caches
+        return forward(fresh(idx[:, -1:]), caches), caches
     ctx = idx[:, -max(1, bs // 2) :] if use_cache and caches is not None else idx[:, -bs:]
     caches = model.new_caches(idx.size(0))
-    return forward(ctx, caches)[:, -1:], caches
+    return forward(fresh(ctx), caches)[:, -1:], caches
 
 
 class Experts:

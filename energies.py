@@ -65,9 +65,9 @@ def transformer_energy(model, caches):
     and, with model.think_step_embed, that of the step index. The observed stream's keys/values sit
     in caches, computed once; each step runs only the candidate slots. dE/dp by autograd, with
     create_graph while gradients are on, so that the loss backpropagates through the step (the
-    slots then keep only what their matmuls need: model.Recompute). While training with
-    train.compile=true, every step's E and dE/dp come from compile_dE_dp, the steps without
-    gradients (S2's truncated ones, contrastive chains) too. Traced by torch.compile
+    slots then keep only what their matmuls need, model.Recompute, unless model.recompute=false).
+    While training with train.compile=true, every step's E and dE/dp come from compile_dE_dp, the
+    steps without gradients (S2's truncated ones, contrastive chains) too. Traced by torch.compile
     (generate(compile=True)), dE/dp comes from torch.func.grad, which the graph can hold.
     """
 
@@ -85,7 +85,7 @@ def transformer_energy(model, caches):
                 p = p.detach().requires_grad_()
             # (..., T): slot t sees p_t only; float32 even under autocast (the readout is)
             E = model.candidate_energy(model.candidate_embedding(p), caches, step,
-                                       recompute=create_graph)
+                                       recompute=create_graph and model.config.recompute)
             (dE_dp,) = torch.autograd.grad(E.sum(), p, create_graph=create_graph)
         return E, dE_dp  # p's dtype: float32 under autocast too (p = softmax of float32 logits)
 

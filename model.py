@@ -75,6 +75,11 @@ class ModelConfig:
     energy_layers: int = 1
     # transformer energy: candidate embedding p @ wte (wte) | bias-free Linear(V -> d) (linear)
     cand_embed: str = "wte"
+    # transformer energy, training eager: the candidate slots keep for the double backward only what
+    # their matmuls need and run the rest again (Recompute): about half the memory of an EBT step,
+    # and on a CPU 40-60% more time (docs/speed.md). false: autograd keeps it all. Other energies
+    # and compiled steps ignore it (a memory-for-time switch: bench.py passes it to every mode)
+    recompute: bool = True
 
     # the mixture energy
     mixture_hidden: int = 128  # width of g in the mixture energy
@@ -439,9 +444,10 @@ class GPT(nn.Module):
 # backward the gradients at their outputs) and recompute the rest, elementwise work and the
 # attention, in the backward and again in the double backward (Recompute): the same gradients, for
 # the attention's matmuls run again (an S1 step at the default shape runs 17% more FLOPs than its
-# math needs). Only where a loss differentiates dE/dp again (recompute: the transformer energy's
-# create_graph); where one backward follows (generation, evaluation) autograd's graph is cheaper.
-# Under torch.compile (train.compile, generate(compile=True)) the compiler chooses what to keep.
+# math needs; eager on a CPU 40-60% more time, docs/speed.md). Only where a loss differentiates
+# dE/dp again (recompute: the transformer energy's create_graph, unless model.recompute=false);
+# where one backward follows (generation, evaluation) autograd's graph is cheaper. Under
+# torch.compile (train.compile, generate(compile=True)) the compiler chooses what to keep.
 
 
 def candidate_block(block, c, cache, rope, recompute=False):
@@ -494,15 +500,10 @@ def slot_attention(qkv, K, V, rope):
     return (w_obs @ V + w_self * v) / (w_obs.sum(-1, keepdim=True) + w_self)
 
 
-# False: autograd keeps every intermediate of the slots (bench.py counts FLOPs so: the model's math,
-# not its recomputation, as MFU counts model FLOPs)
-RECOMPUTE = True
-
-
 def recomputed(on, fn, *xs):
-    """fn(*xs), keeping only xs for the backward if on (Recompute); with RECOMPUTE off and under
-    torch.compile fn(*xs) itself."""
-    if on and RECOMPUTE and not torch.compiler.is_compiling():
+    """fn(*xs), keeping only xs for the backward if on (Recompute); under torch.compile fn(*xs)
+    itself."""
+    if on and not torch.compiler.is_compiling():
         return Recompute.apply(fn, *xs)
     return fn(*xs)
 

@@ -72,8 +72,8 @@ def sample(cfg: SampleConfig):
     think, product = thinking(steps, starts, cfg.topk, banned), Product(models, weights)
     prompt = vocab.encode(cfg.prompt or "\n")
     idx = torch.tensor([prompt] * cfg.num_samples, dtype=torch.long, device=device)
-    if cfg.compile:  # compile first, in a short untimed run, so that tokens/s below is steady
-        generate(product, idx, 2, think, compile=True)
+    if cfg.compile:  # compile first, untimed, so that tokens/s below is steady
+        compile_ahead(product, idx, cfg.max_new_tokens, think)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     choose = partial(pick, sample=cfg.sample, temperature=cfg.sample_temp, top_p=cfg.sample_top_p,
@@ -91,6 +91,14 @@ def sample(cfg: SampleConfig):
           f"{'sampled' if cfg.sample else 'greedy'}"
           + (f", product of {len(models)} experts at weights {weights}" if len(models) > 1 else "")
           + (f", banned {cfg.ban!r}" if banned else ""))
+
+
+def compile_ahead(product, idx, max_new_tokens, think):
+    """Compile every graph that generate(compile=True) will need for max_new_tokens after idx: an
+    untimed run as far as that one goes, up to the first token after each expert's cache rebuild
+    (the graphs are the prompt's pass, single tokens, a full cache and a rebuilt one)."""
+    room = max(m.config.block_size for m in product.models) - idx.size(1)  # until the caches fill
+    generate(product, idx, min(max_new_tokens, max(2, room + 2)), think, compile=True)
 
 
 def thinking(steps, starts=1, topk=0, banned=()):

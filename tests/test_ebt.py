@@ -13,7 +13,6 @@ import ebm
 import energies
 import eval as eval_mod
 import engine
-import model as model_mod
 from conftest import assert_no_leak, free_energy_rule, make_model, perturb
 from helpers import TINY, TINY_MODEL, compose_cfg, read_metrics, run_sample, run_train, write_corpus
 from util import UserError
@@ -241,6 +240,24 @@ def test_compiled_ebt_generation_equals_eager_and_compiles_once():
     assert counters["stats"]["unique_graphs"] == graphs > 0
 
 
+@pytest.mark.slow
+def test_sample_compiles_every_graph_before_its_timed_run():
+    """sample.py's untimed run (compile_ahead) compiles every graph its timed run needs, past a cache
+    rebuild: generating then compiles nothing new (S1's model, block 16, 40 tokens)."""
+    from torch._dynamo.utils import counters
+
+    import sample as sample_mod
+
+    torch._dynamo.reset()
+    product = energies.Product([perturb(make_model(dtype=torch.float32, n_layer=1, **S1)).eval()])
+    idx = torch.randint(0, V, (1, 3), generator=torch.Generator().manual_seed(0))
+    think = partial(ebm.system2_logits, steps=2)
+    sample_mod.compile_ahead(product, idx, 40, think)
+    graphs = counters["stats"]["unique_graphs"]
+    ebm.generate(product, idx, 40, think, compile=True)
+    assert counters["stats"]["unique_graphs"] == graphs > 0
+
+
 def recipe_loss(model, T=16):
     """The training loss of one batch (B=2) of a recipe, its noise seeded."""
     idx, targets = batch(T=T)
@@ -249,14 +266,10 @@ def recipe_loss(model, T=16):
     return ebm.total_loss(model.config, contrastive.losses(model, idx, targets, state))
 
 
-def written_out(monkeypatch):
-    """The candidate slots as autograd runs them without model.Recompute: every intermediate
-    kept for the (double) backward."""
-    monkeypatch.setattr(model_mod, "RECOMPUTE", False)
 
 
 @pytest.mark.parametrize("recipe", ["S1", "S2"])
-def test_recomputed_slots_give_the_written_out_gradients(recipe, monkeypatch):
+def test_recomputed_slots_give_the_written_out_gradients(recipe):
     """The candidate slots recomputed in the backward and double backward (model.Recompute) give
     the parameter gradients of the written-out slots: within 1e-10 relative in float64, and S1's
     within 1e-5 in float32 (S2's noisy steps amplify float32 rounding several times over)."""
@@ -265,16 +278,15 @@ def test_recomputed_slots_give_the_written_out_gradients(recipe, monkeypatch):
         model = perturb(make_model(dtype=dtype, **(S1 if recipe == "S1" else S2))).train()
         params = list(model.parameters())
         recomputed = torch.autograd.grad(recipe_loss(model), params, allow_unused=True)
-        with monkeypatch.context() as m:
-            written_out(m)
-            kept = torch.autograd.grad(recipe_loss(model), params, allow_unused=True)
+        model.config.recompute = False  # autograd keeps every intermediate of the slots
+        kept = torch.autograd.grad(recipe_loss(model), params, allow_unused=True)
         for (n, _), a, b in zip(model.named_parameters(), recomputed, kept):
             assert (a is None) == (b is None), n
             if b is not None:
                 assert (a - b).norm() <= rel * b.norm(), (dtype, n)
 
 
-def test_recomputed_slots_keep_less_for_the_double_backward(monkeypatch):
+def test_recomputed_slots_keep_less_for_the_double_backward():
     """What an S1 loss keeps for its backward (the graph, beyond the weights) at block 64: under
     0.6 of what the written-out slots keep (the attention's (T, T) scores and weights, the
     RMSNorms' and SwiGLU's intermediates, forward and backward)."""
@@ -289,7 +301,7 @@ def test_recomputed_slots_keep_less_for_the_double_backward(monkeypatch):
         return count.now - weights - loss.numel() * loss.element_size()
 
     recomputed = kept()
-    written_out(monkeypatch)
+    model.config.recompute = False
     assert 0 < recomputed < 0.6 * kept()
 
 
