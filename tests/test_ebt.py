@@ -266,8 +266,6 @@ def recipe_loss(model, T=16):
     return ebm.total_loss(model.config, contrastive.losses(model, idx, targets, state))
 
 
-
-
 @pytest.mark.parametrize("recipe", ["S1", "S2"])
 def test_recomputed_slots_give_the_written_out_gradients(recipe):
     """The candidate slots recomputed in the backward and double backward (model.Recompute) give
